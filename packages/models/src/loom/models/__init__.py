@@ -1,0 +1,1 @@
+"""Loom model ports and registries."""

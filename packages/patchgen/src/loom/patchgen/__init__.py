@@ -1,0 +1,1 @@
+"""Loom patch generator (a build tool: nothing imports it at training time)."""

@@ -1,0 +1,1 @@
+"""Loom trainer: the `loom` command and everything a training run needs."""
