@@ -1,0 +1,87 @@
+"""Loom's checks. `uv run nox` runs the default sessions, which are what CI runs.
+
+    uv run nox -l                      # list sessions
+    uv run nox -s "tests(4.57.3)"      # one transformers version
+    uv run nox -s tests -- -k export   # pass pytest arguments
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "uv"
+nox.options.reuse_venv = "yes"
+nox.options.sessions = ["lint", "tests", "build"]
+
+ROOT = Path(__file__).parent
+PACKAGES = ["core-dist", "kernels", "patchgen", "models", "trainer"]
+LOCKED_TRANSFORMERS = "5.17.0"  # the version uv.lock pins and the GPU machines run
+TRANSFORMERS = ["4.57.3", LOCKED_TRANSFORMERS]
+# Packages that never import transformers: their tests run once, with the locked set.
+TRANSFORMERS_FREE = ["packages/core-dist/tests", "packages/kernels/tests"]
+
+
+# Imports every module of a package (generated ports for another transformers major aside),
+# which proves its declared dependencies are enough.
+IMPORT_ALL = """
+import importlib, pkgutil
+package = importlib.import_module("{module}")
+names = [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
+for name in names:
+    if ".generated." not in name:
+        importlib.import_module(name)
+print("{module}:", len(names), "modules import")
+"""
+
+
+def _sync_locked(session: nox.Session) -> None:
+    session.run_install(
+        "uv", "sync", "--frozen", "--group", "dev",
+        env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location},
+    )  # fmt: skip
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+@nox.parametrize("transformers", TRANSFORMERS, ids=TRANSFORMERS)
+def tests(session: nox.Session, transformers: str) -> None:
+    if transformers == LOCKED_TRANSFORMERS:
+        _sync_locked(session)
+        paths = ["packages", "tests"]
+    else:
+        # Resolved afresh: transformers v4 needs older huggingface-hub and tokenizers.
+        editable = [arg for pkg in PACKAGES for arg in ("-e", f"packages/{pkg}")]
+        session.install(
+            *editable, "pytest", "pytest-timeout", f"transformers=={transformers}",
+            env={"UV_NO_CONFIG": "1"},  # the root's constraints pin the locked version
+        )  # fmt: skip
+        paths = ["packages", "tests", *(f"--ignore={p}" for p in TRANSFORMERS_FREE)]
+    session.run("pytest", *(session.posargs or paths))
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """Every wheel installs alone, with only its declared dependencies, and imports."""
+    dist = Path(tempfile.mkdtemp(prefix="loom-dist-"))
+    for pkg in PACKAGES:
+        session.run("uv", "build", "--wheel", "--out-dir", str(dist), f"packages/{pkg}")
+    # Sibling wheels are found in dist/, third-party packages on the index.
+    for pkg in PACKAGES:
+        module = "loom." + ("dist" if pkg == "core-dist" else pkg)
+        venv = dist / f"venv-{pkg}"
+        session.run("uv", "venv", "--quiet", str(venv))
+        python = str(venv / "bin" / "python")
+        session.run(
+            "uv", "pip", "install", "--quiet", "--python", python, "--find-links", str(dist),
+            f"loom-{pkg}", env={"UV_CONSTRAINT": ""},
+        )  # fmt: skip
+        session.run(python, "-c", IMPORT_ALL.format(module=module), external=True)

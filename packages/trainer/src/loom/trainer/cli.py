@@ -1,0 +1,96 @@
+"""The ``loom`` command.
+
+    loom train CONFIG [--section.key value ...] [--nproc N]
+
+``--nproc N`` starts N processes on this machine with torchrun, each running the same
+command without ``--nproc``. Bad input is reported once, before any process starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.text import Text
+
+from loom.trainer.config import Config, check_inputs, load_config
+from loom.trainer.errors import ConfigError, LoomError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loom", description="Train HF models at scale.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser(
+        "train",
+        help="train a model from a YAML config",
+        epilog="Any config key can be overridden: --train.lr 1e-4 --data.max_seq_len 4096",
+    )
+    train.add_argument("config", type=Path, help="YAML run config")
+    train.add_argument("--nproc", type=int, default=1, help="processes on this machine")
+    return parser
+
+
+def _under_launcher() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def prepare_output_dir(config: Config) -> None:
+    """Refuse to write into a directory that holds an earlier run, unless told to."""
+    out = config.train.output_dir
+    if out.exists() and any(out.iterdir()):
+        if not config.train.overwrite:
+            raise ConfigError(
+                f"train.output_dir {out} already holds files from an earlier run; "
+                "choose another directory or pass --train.overwrite true to replace it"
+            )
+        shutil.rmtree(out)
+
+
+def _launch(nproc: int, config_path: Path, overrides: list[str]) -> int:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={nproc}", "-m", "loom.trainer.cli", "train", str(config_path),
+        *overrides,
+    ]  # fmt: skip
+    return subprocess.call(command)
+
+
+def train_command(config_path: Path, nproc: int, overrides: list[str]) -> int:
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+    config = load_config(config_path, overrides)
+    if _under_launcher():
+        from loom.trainer.train import train  # torch import only where it is needed
+
+        train(config)
+        return 0
+    check_inputs(config)
+    config.check_world(nproc // config.parallel.dp_replicate * config.parallel.dp_replicate)
+    prepare_output_dir(config)
+    if nproc > 1:
+        # The launched ranks must not clear the directory again.
+        return _launch(nproc, config_path, [*overrides, "--train.overwrite", "false"])
+    from loom.trainer.train import train
+
+    train(config)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = _parser().parse_known_args(argv)
+    try:
+        return train_command(args.config, args.nproc, overrides)
+    except LoomError as err:
+        if os.environ.get("RANK", "0") == "0":  # one report, not one per process
+            message = Text.assemble(("error: ", "bold red"), str(err))
+            Console(stderr=True).print(message, soft_wrap=True, highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

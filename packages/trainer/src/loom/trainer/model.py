@@ -1,0 +1,53 @@
+"""Build the causal LM and its tokenizer from a model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from loom.trainer.errors import ConfigError
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.path {path}: cannot load a tokenizer: {err}") from None
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"model.path {path}: the tokenizer defines no eos_token")
+    return tokenizer
+
+
+def has_weights(path: Path) -> bool:
+    return any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
+
+
+def build_model(path: Path, trust_remote_code: bool = False) -> nn.Module:
+    """fp32 master weights on the CPU: from safetensors when present, else freshly initialised.
+
+    Every rank builds the same model (same seed), so sharding it afterwards gives each
+    rank the slice a single-process run would hold.
+    """
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config.use_cache = False
+    kwargs = {"attn_implementation": "sdpa", "trust_remote_code": trust_remote_code}
+    if has_weights(path):
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=torch.float32, **kwargs
+        )
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
+    return model
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks FSDP shards one by one (``model.model.layers`` in HF causal LMs)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ConfigError(
+            f"{type(model).__name__} has no model.layers; Loom cannot find its decoder layers"
+        )
+    return list(layers)

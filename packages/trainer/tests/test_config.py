@@ -1,0 +1,95 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loom.trainer.cli import main
+from loom.trainer.config import apply_overrides, load_config
+from loom.trainer.errors import ConfigError
+
+BASE = {
+    "model": {"path": "model"},
+    "data": {"path": "data.jsonl", "max_seq_len": 32},
+    "train": {"output_dir": "out", "steps": 3, "global_batch_size": 4},
+}
+
+
+def write(tmp_path: Path, raw) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw) if not isinstance(raw, str) else raw)
+    return path
+
+
+def test_valid_config_and_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["--train.lr", "1e-4", "--data.max_seq_len=64"])
+    assert cfg.train.lr == 1e-4
+    assert cfg.data.max_seq_len == 64
+    assert cfg.train.micro_batch_size == 1  # default kept
+    assert cfg.model.path == Path("model")
+
+
+def test_override_creates_nested_and_parses_yaml_values():
+    raw = apply_overrides({}, ["--train.betas", "[0.8, 0.9]", "--parallel.cpu_offload", "true"])
+    assert raw == {"train": {"betas": [0.8, 0.9]}, "parallel": {"cpu_offload": True}}
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["--train.lrr", "1"], "unknown config key train.lrr (did you mean train.lr?)"),
+        (["--train.steps", "many"], "config key train.steps"),
+        (["--train.steps", "0"], "config key train.steps"),
+        (["--bogus.key", "1"], "unknown config key bogus"),
+        (["--train.lr"], "override --train.lr has no value"),
+        (["train.lr", "1"], "expected an override like --train.lr 1e-4"),
+        (["--parallel.dp_shard", "0"], "dp_shard must be a positive size or -1"),
+    ],
+)
+def test_bad_overrides_name_the_key(tmp_path, overrides, needle):
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(write(tmp_path, BASE), overrides)
+    assert needle in str(info.value)
+
+
+def test_missing_key_is_named(tmp_path):
+    raw = {k: dict(v) for k, v in BASE.items()}
+    del raw["train"]["steps"]
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, raw))
+    assert "missing config key train.steps" in str(info.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [unclosed"))
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_batch_must_divide_over_ranks(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["--train.micro_batch_size", "2"])
+    assert cfg.check_world(2) == 1
+    assert cfg.check_world(1) == 2
+    with pytest.raises(ConfigError, match="global_batch_size=4 is not a multiple"):
+        cfg.check_world(3)
+
+
+def test_cli_reports_one_paragraph_and_exits_2(tmp_path, capsys):
+    code = main(["train", str(write(tmp_path, BASE)), "--train.lrr", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "error: " in err and "train.lrr" in err
+    assert "Traceback" not in err
+
+
+def test_cli_names_missing_model_and_data(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    cfg = write(tmp_path, BASE)
+    args = ["train", str(cfg), "--model.path", str(tmp_path / "model")]
+    assert main(args) == 2
+    assert "has no config.json" in capsys.readouterr().err
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert main(args) == 2
+    assert "data.path data.jsonl does not exist" in capsys.readouterr().err
