@@ -1,8 +1,8 @@
 """Loom's checks. `uv run nox` runs the default sessions, which are what CI runs.
 
-    uv run nox -l                      # list sessions
-    uv run nox -s "tests(4.57.3)"      # one transformers version
-    uv run nox -s tests -- -k export   # pass pytest arguments
+uv run nox -l                      # list sessions
+uv run nox -s "tests(4.57.3)"      # one transformers version
+uv run nox -s tests -- -k export   # pass pytest arguments
 """
 
 from __future__ import annotations

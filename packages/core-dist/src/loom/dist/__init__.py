@@ -1,0 +1,1 @@
+"""Loom distributed primitives (torch + safetensors only; never imports transformers)."""
