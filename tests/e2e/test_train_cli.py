@@ -41,6 +41,14 @@ def test_tiny_example_learns(tmp_path):
         loss = model(input_ids=ids, labels=ids).loss.item()
     assert loss < first / 2  # the exported weights are the trained ones
 
+    # Training again from the export reads its safetensors: it starts where the run ended.
+    resumed = tmp_path / "from-export"
+    result = loom_train(
+        "--model.path", str(run / "hf"), "--train.steps", "2", "--train.output_dir", str(resumed)
+    )
+    assert result.returncode == 0, result.stderr
+    assert metrics(resumed)[0]["loss"] < first / 2
+
     again = loom_train("--train.output_dir", str(run))
     assert again.returncode == 2 and "already holds files" in again.stderr
     assert len(metrics(run)) == len(records)  # the earlier run is untouched
