@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -72,8 +73,28 @@ def test_batch_must_divide_over_ranks(tmp_path):
     cfg = load_config(write(tmp_path, BASE), ["--train.micro_batch_size", "2"])
     assert cfg.check_world(2) == 1
     assert cfg.check_world(1) == 2
-    with pytest.raises(ConfigError, match="global_batch_size=4 is not a multiple"):
+    with pytest.raises(ConfigError, match="a global batch of 4 rows is not a multiple"):
         cfg.check_world(3)
+    tokens = load_config(write(tmp_path, BASE), ["--train.batch_unit", "tokens"])
+    with pytest.raises(
+        ConfigError, match=re.escape("4 tokens is not a multiple of data.max_seq_len=32")
+    ):
+        tokens.check_world(1)
+    tokens.train.global_batch_size = 128
+    assert tokens.global_rows() == 4
+    samples = load_config(write(tmp_path, BASE), ["--train.batch_unit", "samples"])
+    assert samples.check_world(3) is None
+
+
+def test_single_source_shorthand_and_sources_list(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["--data.format", "chat"])
+    assert len(cfg.data.sources) == 1
+    assert cfg.data.sources[0].column == "messages"
+    raw = {**BASE, "data": {"sources": [{"path": "a.jsonl", "weight": 2}, {"path": "b.parquet"}]}}
+    cfg = load_config(write(tmp_path, raw))
+    assert [s.weight for s in cfg.data.sources] == [2.0, 1.0]
+    with pytest.raises(ConfigError, match=re.escape("data.sources[0].weight")):
+        load_config(write(tmp_path, raw), ["--data.sources", "[{path: a.jsonl, weight: -1}]"])
 
 
 def test_cli_reports_one_paragraph_and_exits_2(tmp_path, capsys):
@@ -92,4 +113,4 @@ def test_cli_names_missing_model_and_data(tmp_path, capsys):
     assert "has no config.json" in capsys.readouterr().err
     (tmp_path / "model" / "config.json").write_text("{}")
     assert main(args) == 2
-    assert "data.path data.jsonl does not exist" in capsys.readouterr().err
+    assert "data.sources[0].path data.jsonl does not exist" in capsys.readouterr().err

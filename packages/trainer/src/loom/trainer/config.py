@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from loom.trainer.data_check import first_bad_line
+from loom.trainer.data.sources import first_bad_line
 from loom.trainer.errors import ConfigError, DataError
 
 
@@ -25,10 +25,31 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
 
 
+class SourceConfig(Section):
+    path: Path = Field(description="a .jsonl / .json / .parquet file or a datasets folder")
+    format: Literal["text", "chat"] = "text"
+    field: str | None = Field(None, description='default: "text", or "messages" for chat')
+    weight: float = Field(1.0, gt=0, description="relative share of the samples drawn")
+
+    @property
+    def column(self) -> str:
+        return self.field or ("text" if self.format == "text" else "messages")
+
+
 class DataConfig(Section):
-    path: Path = Field(description="JSON-lines file, one record per line")
-    text_field: str = "text"
-    max_seq_len: int = Field(2048, gt=1)
+    sources: list[SourceConfig] = Field(min_length=1)
+    max_seq_len: int = Field(2048, gt=1, description="tokens per packed row")
+    strict: bool = Field(True, description="stop at the first bad record (else skip, count)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_source_shorthand(cls, raw: Any) -> Any:
+        # data.path / data.format / data.field stand for a single source.
+        if isinstance(raw, dict) and "path" in raw and "sources" not in raw:
+            raw = dict(raw)
+            source = {k: raw.pop(k) for k in ("path", "format", "field", "weight") if k in raw}
+            raw["sources"] = [source]
+        return raw
 
 
 class TrainConfig(Section):
@@ -36,7 +57,8 @@ class TrainConfig(Section):
     overwrite: bool = False
     seed: int = 0
     steps: int = Field(gt=0)
-    global_batch_size: int = Field(gt=0, description="rows per optimizer step, all ranks")
+    global_batch_size: int = Field(gt=0, description="per optimizer step, all ranks, in batch_unit")
+    batch_unit: Literal["rows", "tokens", "samples"] = "rows"
     micro_batch_size: int = Field(1, gt=0, description="rows per forward pass on one rank")
     lr: float = Field(3e-4, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
@@ -66,16 +88,33 @@ class Config(Section):
     train: TrainConfig
     parallel: ParallelConfig = ParallelConfig()
 
-    def check_world(self, world_size: int) -> int:
-        """Gradient-accumulation steps for ``world_size`` data-parallel ranks."""
-        rows_per_pass = self.train.micro_batch_size * world_size
-        if self.train.global_batch_size % rows_per_pass:
+    def global_rows(self) -> int | None:
+        """Rows per optimizer step, or None when the batch is counted in samples."""
+        train, row_len = self.train, self.data.max_seq_len
+        if train.batch_unit == "samples":
+            return None
+        if train.batch_unit == "rows":
+            return train.global_batch_size
+        if train.global_batch_size % row_len:
             raise ConfigError(
-                f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
-                f"train.micro_batch_size={self.train.micro_batch_size} x {world_size} "
+                f"train.global_batch_size={train.global_batch_size} tokens is not a multiple "
+                f"of data.max_seq_len={row_len}, the tokens of one row"
+            )
+        return train.global_batch_size // row_len
+
+    def check_world(self, dp_size: int) -> int | None:
+        """Micro-batches per rank and step (None when counted in samples: it varies)."""
+        rows = self.global_rows()
+        if rows is None:
+            return None
+        per_pass = self.train.micro_batch_size * dp_size
+        if rows % per_pass:
+            raise ConfigError(
+                f"a global batch of {rows} rows is not a multiple of "
+                f"train.micro_batch_size={self.train.micro_batch_size} x {dp_size} "
                 "data-parallel ranks; change one of them."
             )
-        return self.train.global_batch_size // rows_per_pass
+        return rows // per_pass
 
 
 def _parse_value(text: str) -> Any:
@@ -120,8 +159,12 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def _key(loc: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
 def _describe(err: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in err["loc"])
+    key = _key(err["loc"])
     if err["type"] == "extra_forbidden":
         close = difflib.get_close_matches(key, _known_keys(Config), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -150,16 +193,18 @@ def load_config(path: Path, overrides: list[str] | None = None) -> Config:
 
 
 def check_inputs(config: Config) -> None:
-    """Files the run needs exist: fail before any process is started."""
+    """Files the run needs exist and hold good records: fail before any process starts."""
     if not (config.model.path / "config.json").is_file():
         raise ConfigError(
             f"model.path {config.model.path} has no config.json; point it at a model directory"
         )
-    if not config.data.path.is_file():
-        raise ConfigError(f"data.path {config.data.path} does not exist")
-    problem = first_bad_line(config.data.path, config.data.text_field)
-    if problem:
-        raise DataError(problem)
+    for i, source in enumerate(config.data.sources):
+        if not source.path.exists():
+            raise ConfigError(f"data.sources[{i}].path {source.path} does not exist")
+        if config.data.strict and source.path.suffix in (".jsonl", ".json"):
+            problem = first_bad_line(source.path, source.column, source.format)
+            if problem:
+                raise DataError(problem)
 
 
 def dump_config(config: Config, path: Path) -> None:

@@ -1,0 +1,9 @@
+"""The data pipeline: sources -> samples (token ids + labels) -> packed rows -> rank slices.
+
+- ``sources``: read JSONL / Parquet / ``datasets`` folders, validate records.
+- ``samples``: turn records into token ids and shifted labels (plain text or chat).
+- ``mixture``: a seeded, resumable draw of samples from weighted sources.
+- ``packing``: pack samples into rows with per-sample position ids and ``cu_seqlens``.
+- ``loader``: global batches of rows for each step, the same for every world size.
+- ``collate``: pad a row to a multiple of the SP size and give each SP rank its slice.
+"""

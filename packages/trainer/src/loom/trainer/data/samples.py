@@ -1,0 +1,95 @@
+"""Records to samples: token ids and labels already shifted, so ``labels[i]`` is the
+token that position ``i`` must predict (``IGNORE_INDEX`` where nothing is learned).
+
+Shifting inside each sample, before packing or sequence-parallel slicing, means a
+packed row or a rank's slice never needs its neighbour's tokens to find its labels.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import datasets
+import numpy as np
+
+from loom.trainer.data.sources import Format
+from loom.trainer.errors import DataError
+
+IGNORE_INDEX = -100
+
+
+def shift_labels(ids: list[int], supervised: list[bool]) -> list[int]:
+    """``labels[i] = ids[i + 1]`` where token ``i + 1`` is supervised; the last is ignored."""
+    labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids[1:], supervised[1:], strict=True)]
+    return [*labels, IGNORE_INDEX]
+
+
+def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    return ids, shift_labels(ids, [True] * len(ids))
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns.
+
+    A span runs from the end of the generation prompt before an assistant message to the
+    end of that message as the template renders it (end-of-turn tokens included).
+    """
+    full = _render(tokenizer, messages, generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], generation_prompt=True) if i else ""
+        upto = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+        if not full.startswith(before) or not full.startswith(upto):
+            raise DataError(
+                "the tokenizer's chat template does not render a conversation as a prefix of "
+                "its continuation, so Loom cannot find the assistant turns; use a template "
+                "that renders turn by turn"
+            )
+        spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Loss only on assistant turns (their content and end-of-turn markers)."""
+    if tokenizer.chat_template is None:
+        raise DataError("chat data needs a tokenizer with a chat_template; this one has none")
+    text, spans = assistant_spans(tokenizer, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    starts = [s for s, _ in spans]
+    supervised = []
+    for start, _ in encoded["offset_mapping"]:
+        k = bisect.bisect_right(starts, start) - 1
+        supervised.append(k >= 0 and start < spans[k][1])
+    return encoded["input_ids"], shift_labels(encoded["input_ids"], supervised)
+
+
+def split_long(ids: list[int], labels: list[int], max_len: int) -> list[tuple[list, list]]:
+    """Cut a sample longer than ``max_len`` into pieces; labels stay as shifted."""
+    return [(ids[i : i + max_len], labels[i : i + max_len]) for i in range(0, len(ids), max_len)]
+
+
+def tokenize_source(
+    table: datasets.Dataset, tokenizer, fmt: Format, field: str, max_len: int
+) -> datasets.Dataset:
+    """Columns ``input_ids`` and ``labels``, one row per sample of at most ``max_len``."""
+    encode = encode_text if fmt == "text" else encode_chat
+
+    def batch_encode(batch: dict) -> dict:
+        out_ids, out_labels = [], []
+        for record in batch[field]:
+            for ids, labels in split_long(*encode(tokenizer, record), max_len):
+                if any(label != IGNORE_INDEX for label in labels):
+                    out_ids.append(np.asarray(ids, dtype=np.int32))
+                    out_labels.append(np.asarray(labels, dtype=np.int32))
+        return {"input_ids": out_ids, "labels": out_labels}
+
+    return table.map(batch_encode, batched=True, remove_columns=table.column_names)

@@ -1,0 +1,95 @@
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from loom.trainer.data.collate import pad_to_multiple, sp_slice, stack_rows
+from loom.trainer.data.loader import BatchLoader
+from loom.trainer.data.mixture import Mixture
+from loom.trainer.data.packing import build_row, pack_greedy
+from loom.trainer.data.samples import IGNORE_INDEX, shift_labels
+
+
+def sample(n, start=1):
+    ids = np.arange(start, start + n)
+    return ids, np.asarray(shift_labels(list(ids), [True] * n))
+
+
+def test_build_row_positions_and_boundaries():
+    row = build_row([sample(3), sample(2, 10)], row_len=8, pad_id=0)
+    np.testing.assert_array_equal(row.input_ids, [1, 2, 3, 10, 11, 0, 0, 0])
+    np.testing.assert_array_equal(row.position_ids, [0, 1, 2, 0, 1, 0, 1, 2])
+    np.testing.assert_array_equal(row.labels, [2, 3, -100, 11, -100, -100, -100, -100])
+    np.testing.assert_array_equal(row.cu_seqlens, [0, 3, 5, 8])
+    assert row.loss_tokens == 3
+    with pytest.raises(ValueError, match="do not fit"):
+        build_row([sample(9)], row_len=8, pad_id=0)
+
+
+def test_pack_greedy_never_cuts_and_returns_leftover():
+    sizes = iter([3, 4, 2, 5, 1, 6])
+    refs = iter(range(100))
+
+    def draw():
+        n = next(sizes)
+        return (next(refs), *sample(n))
+
+    rows, left = pack_greedy(draw, n_rows=2, n_samples=None, row_len=7, pad_id=0)
+    assert [list(r.cu_seqlens) for r in rows] == [[0, 3, 7], [0, 2, 7]]
+    assert left == [4]  # the sample of size 1 was drawn but belongs to the next batch
+
+
+def test_sp_slices_reassemble_the_padded_batch():
+    batch = stack_rows([build_row([sample(5), sample(4)], 11, pad_id=0)] * 2)
+    padded = pad_to_multiple(batch, 4, pad_id=0)
+    assert padded["input_ids"].shape == (2, 12)
+    assert padded["labels"][0, 11] == IGNORE_INDEX
+    pieces = [sp_slice(padded, r, 4) for r in range(4)]
+    for key in padded:
+        torch.testing.assert_close(torch.cat([p[key] for p in pieces], 1), padded[key])
+    with pytest.raises(ValueError, match="not a multiple of sp=4"):
+        sp_slice(batch, 0, 4)
+
+
+def test_mixture_follows_weights_and_covers_each_epoch():
+    mix = Mixture([50, 200], [3.0, 1.0], seed=1)
+    draws = [mix.next() for _ in range(400)]
+    share = sum(s == 0 for s, _ in draws) / len(draws)
+    assert abs(share - 0.75) < 0.06  # binomial sd is about 0.02
+    first_epoch = [i for s, i in draws if s == 0][:50]
+    assert sorted(first_epoch) == list(range(50))
+
+
+def tables():
+    def table(n, start):
+        ids = [np.arange(start + i, start + i + 2 + i % 5) for i in range(n)]
+        return datasets.Dataset.from_dict(
+            {"input_ids": ids, "labels": [shift_labels(list(x), [True] * len(x)) for x in ids]}
+        )
+
+    return [table(30, 0), table(17, 1000)]
+
+
+@pytest.mark.parametrize("unit", ["rows", "samples"])
+def test_loader_resumes_exactly(unit):
+    def make():
+        return BatchLoader(
+            tables(), [1.0, 2.0], seed=3, row_len=12, pad_id=0, batch_size=4, unit=unit
+        )
+
+    straight = make()
+    expected = [straight.next_batch(rows_multiple=2) for _ in range(8)]
+    first = make()
+    for _ in range(3):
+        first.next_batch(rows_multiple=2)
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    for want in expected[3:]:
+        got = resumed.next_batch(rows_multiple=2)
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a.input_ids, b.input_ids)
+            np.testing.assert_array_equal(a.labels, b.labels)
+    if unit == "samples":
+        assert all(len(b) % 2 == 0 for b in expected)
+        assert all(sum(len(r.cu_seqlens) - 1 for r in b if r.loss_tokens) >= 4 for b in expected)
