@@ -24,14 +24,15 @@ def metrics(run: Path) -> list[dict]:
 
 def test_tiny_example_learns(tmp_path):
     run = tmp_path / "run"
-    result = loom_train("--train.output_dir", str(run))
+    result = loom_train("--train.output_dir", str(run), "--log.tensorboard", "true")
     assert result.returncode == 0, result.stderr
     records = metrics(run)
     assert [r["step"] for r in records] == list(range(1, len(records) + 1))
     first, last = records[0]["loss"], records[-1]["loss"]
     assert last < 0.3 * first, (first, last)
-    for name in ("config.yaml", "loss.png", "hf/config.json", "hf/model.safetensors"):
+    for name in ("config.yaml", "loss.png", "throughput.png", "hf/model.safetensors"):
         assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(run / "hf")

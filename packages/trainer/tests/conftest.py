@@ -12,6 +12,11 @@ CHATML = (
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    return TINY_MODEL
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     return AutoTokenizer.from_pretrained(TINY_MODEL)
 

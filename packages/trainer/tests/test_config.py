@@ -114,3 +114,21 @@ def test_cli_names_missing_model_and_data(tmp_path, capsys):
     (tmp_path / "model" / "config.json").write_text("{}")
     assert main(args) == 2
     assert "data.sources[0].path data.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_print_config_shows_resolved_values(tmp_path, capsys):
+    assert main(["train", str(write(tmp_path, BASE)), "--print-config", "--train.lr", "0.5"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["lr"] == 0.5
+    assert printed["train"]["schedule"] == "cosine"  # a default, made visible
+    assert printed["data"]["sources"][0]["path"] == "data.jsonl"
+
+
+def test_plot_command(tmp_path, capsys):
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "has no metrics.jsonl" in capsys.readouterr().err
+    lines = [f'{{"step": {s}, "loss": {5 - s / 10}, "tokens_per_s": 100.0}}' for s in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n" + '{"step": 6, "lo')
+    assert main(["plot", str(tmp_path)]) == 0
+    for name in ("loss.png", "throughput.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

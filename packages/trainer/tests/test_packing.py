@@ -26,17 +26,36 @@ def test_build_row_positions_and_boundaries():
         build_row([sample(9)], row_len=8, pad_id=0)
 
 
-def test_pack_greedy_never_cuts_and_returns_leftover():
-    sizes = iter([3, 4, 2, 5, 1, 6])
-    refs = iter(range(100))
+def packer_inputs(sizes):
+    samples = {i: sample(n, start=10 * i + 1) for i, n in enumerate(sizes)}
+    draws = iter(range(len(sizes)))
 
-    def draw():
-        n = next(sizes)
-        return (next(refs), *sample(n))
+    def fetch(ref):
+        ids, labels = samples[ref[1]]
+        return ids[ref[2] :], labels[ref[2] :]
 
-    rows, left = pack_greedy(draw, n_rows=2, n_samples=None, row_len=7, pad_id=0)
+    return (lambda: (0, next(draws), 0)), fetch
+
+
+def test_pack_greedy_keeps_whole_samples_when_told():
+    draw, fetch = packer_inputs([3, 4, 2, 6, 1, 6])
+    rows, left = pack_greedy(draw, fetch, lambda ref: False, [], 7, 0, n_rows=2)
     assert [list(r.cu_seqlens) for r in rows] == [[0, 3, 7], [0, 2, 7]]
-    assert left == [4]  # the sample of size 1 was drawn but belongs to the next batch
+    assert left == [(0, 3, 0)]  # drawn, did not fit: first in the next batch
+    rows, left = pack_greedy(draw, fetch, lambda ref: False, left, 7, 0, n_rows=1)
+    assert list(rows[0].cu_seqlens) == [0, 6, 7] and left == [(0, 5, 0)]
+
+
+def test_pack_greedy_splits_text_without_losing_tokens():
+    sizes = [3, 4, 2, 6, 1, 6]
+    draw, fetch = packer_inputs(sizes)
+    rows, left = pack_greedy(draw, fetch, lambda ref: True, [], 5, 0, n_rows=4)
+    assert all(r.loss_tokens + (r.labels == IGNORE_INDEX).sum() == 5 for r in rows)
+    assert not any((r.input_ids == 0).any() for r in rows)  # no padding anywhere
+    stream = np.concatenate([r.input_ids for r in rows])
+    expected = np.concatenate([sample(n, start=10 * i + 1)[0] for i, n in enumerate(sizes)])
+    np.testing.assert_array_equal(stream, expected[: len(stream)])
+    assert left == [(0, 5, 4)]  # 20 of 22 tokens packed; the last sample continues at 4
 
 
 def test_sp_slices_reassemble_the_padded_batch():
@@ -74,7 +93,14 @@ def tables():
 def test_loader_resumes_exactly(unit):
     def make():
         return BatchLoader(
-            tables(), [1.0, 2.0], seed=3, row_len=12, pad_id=0, batch_size=4, unit=unit
+            tables(),
+            [1.0, 2.0],
+            [True, False],
+            seed=3,
+            row_len=12,
+            pad_id=0,
+            batch_size=4,
+            unit=unit,
         )
 
     straight = make()

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.text import Text
 
@@ -32,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", type=Path, help="YAML run config")
     train.add_argument("--nproc", type=int, default=1, help="processes on this machine")
+    train.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    plot = commands.add_parser("plot", help="write loss.png and throughput.png of a run")
+    plot.add_argument("run_dir", type=Path, help="a run's output directory")
     return parser
 
 
@@ -82,8 +88,21 @@ def train_command(config_path: Path, nproc: int, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = _parser().parse_known_args(argv)
+    parser = _parser()
+    args, overrides = parser.parse_known_args(argv)
     try:
+        if args.command == "plot":
+            if overrides:
+                parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+            from loom.trainer.metrics import plot_run
+
+            for path in plot_run(args.run_dir):
+                print(path)
+            return 0
+        if args.print_config:
+            config = load_config(args.config, overrides)
+            print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+            return 0
         return train_command(args.config, args.nproc, overrides)
     except LoomError as err:
         if os.environ.get("RANK", "0") == "0":  # one report, not one per process

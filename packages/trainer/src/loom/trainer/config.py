@@ -61,12 +61,25 @@ class TrainConfig(Section):
     batch_unit: Literal["rows", "tokens", "samples"] = "rows"
     micro_batch_size: int = Field(1, gt=0, description="rows per forward pass on one rank")
     lr: float = Field(3e-4, gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="max total grad norm; 0 turns clipping off")
+    activation_checkpointing: bool = False
+    ac_every: int = Field(1, gt=0, description="checkpoint every n-th decoder layer")
+    nan_policy: Literal["skip", "stop"] = Field(
+        "stop", description="on a non-finite loss or grad norm: skip the update, or stop"
+    )
+
+
+class LogConfig(Section):
+    progress: bool = True
+    tensorboard: bool = False
+    wandb_project: str | None = None
+    peak_tflops: float | None = Field(None, gt=0, description="per device, for MFU")
 
 
 class ParallelConfig(Section):
@@ -87,6 +100,7 @@ class Config(Section):
     data: DataConfig
     train: TrainConfig
     parallel: ParallelConfig = ParallelConfig()
+    log: LogConfig = LogConfig()
 
     def global_rows(self) -> int | None:
         """Rows per optimizer step, or None when the batch is counted in samples."""

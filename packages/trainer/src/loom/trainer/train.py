@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import resource
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -18,10 +21,17 @@ from loom.trainer.data.loader import BatchLoader
 from loom.trainer.data.packing import Row
 from loom.trainer.data.samples import IGNORE_INDEX, tokenize_source
 from loom.trainer.data.sources import load_source
+from loom.trainer.errors import LoomError
 from loom.trainer.export import export_hf
-from loom.trainer.metrics import MetricsLog, plot_loss, progress_bar, read_metrics
-from loom.trainer.model import build_model, decoder_layers, load_tokenizer
-from loom.trainer.schedule import warmup_cosine
+from loom.trainer.flops import flop_model, peak_flops, sum_sq_lengths
+from loom.trainer.metrics import MetricsLog, plot_run, progress_bar
+from loom.trainer.model import (
+    build_model,
+    decoder_layers,
+    enable_activation_checkpointing,
+    load_tokenizer,
+)
+from loom.trainer.optim import build_optimizer, build_scheduler
 
 
 def build_loader(config: Config, tokenizer, console: Console) -> BatchLoader:
@@ -51,6 +61,7 @@ def build_loader(config: Config, tokenizer, console: Console) -> BatchLoader:
     return BatchLoader(
         tables,
         [s.weight for s in config.data.sources],
+        [s.format == "text" for s in config.data.sources],
         train.seed,
         config.data.max_seq_len,
         pad_id,
@@ -80,6 +91,49 @@ def micro_step_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
 def grad_norm_and_clip(model: nn.Module, max_norm: float) -> float:
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    loss_tokens: int
+
+
+def forward_backward(
+    model: nn.Module, micro: list[list[Row]], loss_tokens: int, parallel: ParallelState
+) -> float:
+    """Accumulate gradients of (summed token loss / ``loss_tokens``) over this rank's
+    micro-batches; return the global mean loss."""
+    loss_sum = torch.zeros((), device=parallel.device)
+    for i, rows in enumerate(micro):
+        batch = {k: v.to(parallel.device) for k, v in stack_rows(rows).items()}
+        model.set_requires_gradient_sync(i == len(micro) - 1)  # reduce once per step
+        local = micro_step_loss(model, batch)
+        # FSDP averages gradients over dp ranks; scaling by dp_size makes the result the
+        # gradient of the global token mean whatever the number of ranks.
+        (local * parallel.dp_size / max(loss_tokens, 1)).backward()
+        loss_sum += local.detach()
+    dist.all_reduce(loss_sum)
+    return loss_sum.item() / max(loss_tokens, 1)
+
+
+def should_skip(result: StepResult, policy: str, step: int) -> bool:
+    """True to drop this update. Loss and grad norm are global, so every rank agrees."""
+    if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
+        return False
+    if policy == "skip":
+        return True
+    raise LoomError(
+        f"step {step}: loss {result.loss} / grad norm {result.grad_norm} is not finite "
+        "(train.nan_policy: stop); lower train.lr or set train.nan_policy: skip"
+    )
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _quiet_libraries() -> None:
@@ -115,7 +169,11 @@ def _train(config: Config, parallel: ParallelState) -> None:
     loader = build_loader(config, tokenizer, console)
 
     torch.manual_seed(cfg.seed)
-    model = build_model(config.model.path, config.model.trust_remote_code).to(parallel.device)
+    model = build_model(config.model.path, config.model.trust_remote_code)
+    flops = flop_model(model)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model, cfg.ac_every)
+    model.to(parallel.device)
     apply_fsdp(
         model,
         decoder_layers(model),
@@ -124,60 +182,61 @@ def _train(config: Config, parallel: ParallelState) -> None:
         reshard_after_forward=config.parallel.reshard_after_forward,
         cpu_offload=config.parallel.cpu_offload,
     )
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+    optimizer = build_optimizer(
+        model, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, parallel.device
     )
-    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    scheduler = build_scheduler(
+        optimizer, cfg.schedule, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio
+    )
+    peak = peak_flops(parallel.device, config.log.peak_tflops)
+    log = None
+    if main:
+        log = MetricsLog(
+            out, config.log.tensorboard, config.log.wandb_project, config.model_dump(mode="json")
+        )
 
-    log = MetricsLog(out / "metrics.jsonl") if main else None
-    seen_tokens = 0
+    seen_tokens, first_loss = 0, None
     with progress_bar(console) as bar:
-        task = bar.add_task("train", total=cfg.steps, status="")
+        task = bar.add_task("train", total=cfg.steps, status="", visible=config.log.progress)
         for step in range(1, cfg.steps + 1):
             start = time.perf_counter()
             rows = loader.next_batch(rows_multiple=parallel.dp_size * cfg.micro_batch_size)
             # Every rank holds the whole global batch: count loss tokens without a collective.
             loss_tokens = sum(r.loss_tokens for r in rows)
             micro = rank_share(rows, parallel.dp_rank, parallel.dp_size, cfg.micro_batch_size)
-            loss_sum = torch.zeros((), device=parallel.device)
-            for i, rows_mb in enumerate(micro):
-                mb = {k: v.to(parallel.device) for k, v in stack_rows(rows_mb).items()}
-                model.set_requires_gradient_sync(i == len(micro) - 1)
-                local = micro_step_loss(model, mb)
-                # FSDP averages gradients over dp ranks; scale so the result is the
-                # gradient of (sum of token losses / tokens in the global batch).
-                (local * parallel.dp_size / loss_tokens).backward()
-                loss_sum += local.detach()
-            grad_norm = grad_norm_and_clip(model, cfg.grad_clip)
+            loss = forward_backward(model, micro, loss_tokens, parallel)
+            result = StepResult(loss, grad_norm_and_clip(model, cfg.grad_clip), loss_tokens)
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
+            skipped = should_skip(result, cfg.nan_policy, step)
+            if not skipped:
+                optimizer.step()
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            dist.all_reduce(loss_sum)
-            loss = loss_sum.item() / max(loss_tokens, 1)
             elapsed = time.perf_counter() - start
             step_tokens = len(rows) * config.data.max_seq_len
             seen_tokens += step_tokens
+            step_flops = flops.step_flops(step_tokens, sum_sq_lengths([r.cu_seqlens for r in rows]))
+            record = {
+                "step": step,
+                "loss": result.loss,
+                "grad_norm": result.grad_norm,
+                "lr": lr,
+                "tokens": seen_tokens,
+                "loss_tokens": loss_tokens,
+                "tokens_per_s": step_tokens / elapsed,
+                "mfu": step_flops / elapsed / (peak * parallel.world_size) if peak else None,
+                "peak_memory_gb": peak_memory_gb(parallel.device),
+                "step_time_s": elapsed,
+                "epoch": loader.mixture.epoch,
+                "skipped": skipped,
+            }
+            first_loss = result.loss if first_loss is None else first_loss
             if log:
-                log.write(
-                    {
-                        "step": step,
-                        "loss": loss,
-                        "grad_norm": grad_norm,
-                        "lr": lr,
-                        "tokens": seen_tokens,
-                        "loss_tokens": loss_tokens,
-                        "tokens_per_s": step_tokens / elapsed,
-                        "step_time_s": elapsed,
-                    }
-                )
-            bar.update(task, advance=1, status=f"loss {loss:.4f}  lr {lr:.2e}")
+                log.write(record)
+            bar.update(task, advance=1, status=f"loss {result.loss:.4f}  lr {lr:.2e}")
 
     export_hf(model, tokenizer, out / "hf")
     if log:
         log.close()
-        records = read_metrics(out / "metrics.jsonl")
-        plot_loss(records, out / "loss.png")
-        console.print(
-            f"done: loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}; run directory {out}"
-        )
+        plot_run(out)
+        console.print(f"done: loss {first_loss:.4f} -> {result.loss:.4f}; run directory {out}")

@@ -13,7 +13,7 @@ import datasets
 import numpy as np
 
 from loom.trainer.data.mixture import Mixture
-from loom.trainer.data.packing import Row, build_row, pack_greedy
+from loom.trainer.data.packing import Ref, Row, build_row, pack_greedy
 
 BatchUnit = Literal["rows", "samples"]
 
@@ -23,6 +23,7 @@ class BatchLoader:
         self,
         tables: list[datasets.Dataset],
         weights: list[float],
+        splittable: list[bool],
         seed: int,
         row_len: int,
         pad_id: int,
@@ -33,31 +34,34 @@ class BatchLoader:
         self.mixture = Mixture([len(t) for t in tables], weights, seed)
         self.row_len, self.pad_id = row_len, pad_id
         self.batch_size, self.unit = batch_size, unit
-        self.pending: list[tuple[int, int]] = []
+        self.splittable = splittable
+        self.pending: list[Ref] = []
         self.step = 0
 
-    def _fetch(self, ref: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        sample = self.tables[ref[0]][ref[1]]
-        return sample["input_ids"].astype(np.int64), sample["labels"].astype(np.int64)
+    def _fetch(self, ref: Ref) -> tuple[np.ndarray, np.ndarray]:
+        source, index, offset = ref
+        sample = self.tables[source][index]
+        ids, labels = sample["input_ids"][offset:], sample["labels"][offset:]
+        return ids.astype(np.int64), labels.astype(np.int64)
 
-    def _next_sample(self):
-        ref = self.pending.pop(0) if self.pending else self.mixture.next()
-        return (ref, *self._fetch(ref))
+    def _draw(self) -> Ref:
+        return (*self.mixture.next(), 0)
 
     def next_batch(self, rows_multiple: int = 1) -> list[Row]:
         """The next global batch; padded with empty rows to a multiple of ``rows_multiple``
         (the data-parallel size times the micro-batch size) when counted in samples."""
-        if self.unit == "rows":
-            rows, left = pack_greedy(
-                self._next_sample, self.batch_size, None, self.row_len, self.pad_id
-            )
-        else:
-            rows, left = pack_greedy(
-                self._next_sample, None, self.batch_size, self.row_len, self.pad_id
-            )
-            while len(rows) % rows_multiple:
-                rows.append(build_row([], self.row_len, self.pad_id))
-        self.pending = left + self.pending
+        count = {"n_rows" if self.unit == "rows" else "n_samples": self.batch_size}
+        rows, self.pending = pack_greedy(
+            self._draw,
+            self._fetch,
+            lambda ref: self.splittable[ref[0]],
+            self.pending,
+            self.row_len,
+            self.pad_id,
+            **count,
+        )
+        while len(rows) % rows_multiple:
+            rows.append(build_row([], self.row_len, self.pad_id))
         self.step += 1
         return rows
 

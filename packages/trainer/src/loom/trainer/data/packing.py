@@ -7,6 +7,7 @@ A row is what one forward pass sees on one rank (batch dimension 1): ``input_ids
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,26 +41,49 @@ def build_row(samples: list[tuple[np.ndarray, np.ndarray]], row_len: int, pad_id
     return Row(ids, labels.astype(np.int64), position_ids.astype(np.int64), bounds.astype(np.int32))
 
 
-def pack_greedy(next_sample, n_rows: int | None, n_samples: int | None, row_len: int, pad_id: int):
-    """Fill rows in order from ``next_sample()`` (which returns ``(ref, ids, labels)``).
+Ref = tuple[int, int, int]  # (source, index, offset of the first token still to pack)
 
-    A sample that does not fit the row being filled starts the next one, so samples are
-    never cut here (``split_long`` has already cut those longer than a row). Stop after
-    ``n_rows`` rows, or after ``n_samples`` samples. Returns the rows and the refs drawn
-    but not used (at most one), which the next call must take first.
+
+def pack_greedy(
+    draw: Callable[[], Ref],
+    fetch: Callable[[Ref], tuple[np.ndarray, np.ndarray]],
+    can_split: Callable[[Ref], bool],
+    pending: list[Ref],
+    row_len: int,
+    pad_id: int,
+    n_rows: int | None = None,
+    n_samples: int | None = None,
+) -> tuple[list[Row], list[Ref]]:
+    """Fill rows in order: first the ``pending`` refs, then ``draw()``.
+
+    A sample that does not fit the row being filled either fills it and continues in the
+    next row (``can_split``: plain text, where nothing ties the pieces together) or
+    starts the next row whole (chat: a conversation is never cut here; ``split_long``
+    has already cut those longer than a row). Stops after ``n_rows`` rows, or after
+    ``n_samples`` new samples. Returns the rows and the refs to take first next time.
     """
-    rows, current, used, taken = [], [], 0, 0
+    queue, rows, current, used, taken = list(pending), [], [], 0, 0
     while True:
-        if n_samples is not None and taken == n_samples:
+        if not queue and n_samples is not None and taken == n_samples:
             if current:
                 rows.append(build_row(current, row_len, pad_id))
             return rows, []
-        ref, ids, labels = next_sample()
-        taken += 1
-        if current and used + len(ids) > row_len:
+        if not queue:
+            queue.append(draw())
+            taken += 1
+        ref = queue.pop(0)
+        ids, labels = fetch(ref)
+        space = row_len - used
+        if len(ids) > space and current:
+            if can_split(ref) and space > 0:
+                current.append((ids[:space], labels[:space]))
+                queue.insert(0, (ref[0], ref[1], ref[2] + space))
+            else:
+                queue.insert(0, ref)
             rows.append(build_row(current, row_len, pad_id))
             current, used = [], 0
             if len(rows) == n_rows:
-                return rows, [ref]
+                return rows, queue
+            continue
         current.append((ids, labels))
         used += len(ids)

@@ -1,0 +1,98 @@
+"""Pieces of the training step against plain computations."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from loom.dist.fsdp import apply_fsdp, mixed_precision
+from loom.dist.mesh import destroy_parallel, init_parallel
+from loom.trainer.data.packing import build_row
+from loom.trainer.data.samples import shift_labels
+from loom.trainer.errors import LoomError
+from loom.trainer.model import build_model, decoder_layers, enable_activation_checkpointing
+from loom.trainer.train import StepResult, forward_backward, rank_share, should_skip
+
+
+@pytest.fixture
+def parallel():
+    state = init_parallel()
+    yield state
+    destroy_parallel()
+
+
+def rows(n=4, length=24):
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        a, b = (
+            torch.randint(2, 300, (k,), generator=gen).numpy() for k in (length // 2, length // 3)
+        )
+        samples = [(x, np.asarray(shift_labels(list(x), [True] * len(x)))) for x in (a, b)]
+        out.append(build_row(samples, length, 1))
+    return out
+
+
+def grads(model):
+    return {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_activation_checkpointing_changes_nothing(parallel, every, tiny_model_dir):
+    results = []
+    for ac in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tiny_model_dir)
+        if ac:
+            enable_activation_checkpointing(model, every)
+        apply_fsdp(model, decoder_layers(model), parallel.dp_mesh, mixed_precision(parallel.device))
+        batch = rows()
+        tokens = sum(r.loss_tokens for r in batch)
+        loss = forward_backward(model, rank_share(batch, 0, 1, 2), tokens, parallel)
+        results.append((loss, grads(model)))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_loss_is_the_global_token_mean(parallel, tiny_model_dir):
+    torch.manual_seed(0)
+    model = build_model(tiny_model_dir)
+    reference = build_model(tiny_model_dir)
+    reference.load_state_dict(model.state_dict())
+    apply_fsdp(model, decoder_layers(model), parallel.dp_mesh, mixed_precision(parallel.device))
+    batch = rows(3)
+    tokens = sum(r.loss_tokens for r in batch)
+    loss = forward_backward(model, rank_share(batch, 0, 1, 1), tokens, parallel)
+    # Plain reference: every row separately with HF's own loss would weight rows equally;
+    # Loom weights tokens equally across the whole global batch.
+    total = 0.0
+    for r in batch:
+        logits = reference(
+            input_ids=torch.from_numpy(r.input_ids)[None],
+            position_ids=torch.from_numpy(r.position_ids)[None],
+        ).logits[0]
+        total += torch.nn.functional.cross_entropy(
+            logits, torch.from_numpy(r.labels), ignore_index=-100, reduction="sum"
+        )
+    (total / tokens).backward()
+    assert loss == pytest.approx(total.item() / tokens, rel=1e-6)
+    got = grads(model)
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_nan_policy():
+    fine = StepResult(1.0, 2.0, 10)
+    assert not should_skip(fine, "stop", 1)
+    for bad in (StepResult(math.nan, 1.0, 10), StepResult(1.0, math.inf, 10)):
+        assert should_skip(bad, "skip", 3)
+        with pytest.raises(LoomError, match=r"step 3: .* not finite"):
+            should_skip(bad, "stop", 3)
+
+
+def test_rank_share_splits_contiguously():
+    batch = list(range(8))
+    assert rank_share(batch, 1, 2, 3) == [[4, 5, 6], [7]]
+    assert rank_share(batch, 0, 4, 2) == [[0, 1]]
