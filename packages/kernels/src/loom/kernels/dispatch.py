@@ -1,0 +1,141 @@
+"""Which implementation of an op runs: the one rule every op in loom.kernels follows.
+
+Triton runs when triton is importable and the tensors are on CUDA, or when
+``TRITON_INTERPRET=1`` is set (Triton's interpreter, for CPU tests). Everything else
+runs the plain-torch reference. ``LOOM_KERNELS_BACKEND=torch`` (or ``backend="torch"``
+on any op) forces the reference; ``"triton"`` forces the kernel and fails loudly
+where it cannot run. Attention and grouped GEMM pick among library kernels by the
+same env var and argument; their rules live here too so there is one place to look.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Literal
+
+import torch
+
+BACKEND_ENV = "LOOM_KERNELS_BACKEND"
+
+Backend = Literal["triton", "torch"]
+AttentionBackend = Literal["flash_attn", "varlen", "sdpa", "torch"]
+GroupedMMBackend = Literal["grouped_mm", "torch"]
+
+_TRITON_CHOICES = ("auto", "triton", "torch")
+_ATTENTION_CHOICES = ("auto", "flash_attn", "varlen", "sdpa", "torch")
+_GROUPED_MM_CHOICES = ("auto", "grouped_mm", "torch")
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+@functools.cache
+def torch_varlen_available() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _requested(backend: str | None, choices: tuple[str, ...]) -> str:
+    """The explicit argument, else the env var (whose "triton" means auto for library ops)."""
+    if backend is not None:
+        if backend not in choices:
+            raise ValueError(f"loom.kernels: backend must be one of {choices}, got {backend!r}")
+        return backend
+    env = os.environ.get(BACKEND_ENV, "auto")
+    if env not in _TRITON_CHOICES:
+        raise ValueError(
+            f"loom.kernels: ${BACKEND_ENV} must be one of {_TRITON_CHOICES}, got {env!r}"
+        )
+    return env if env in choices else "auto"
+
+
+def _triton_blocker(tensors: tuple[torch.Tensor, ...]) -> str | None:
+    """Why the Triton kernel cannot run on these tensors, or None when it can."""
+    if not triton_available():
+        return "triton is not installed"
+    if all(t.is_cuda for t in tensors):
+        return None
+    if interpreter_enabled() and all(t.device.type == "cpu" for t in tensors):
+        return None
+    devices = sorted({str(t.device) for t in tensors})
+    return f"the tensors are on {devices}; Triton needs CUDA (or TRITON_INTERPRET=1 on CPU)"
+
+
+def choose_backend(*tensors: torch.Tensor, backend: str | None = None) -> Backend:
+    """Pick ``"triton"`` or ``"torch"`` for an op over ``tensors`` (see the module doc)."""
+    requested = _requested(backend, _TRITON_CHOICES)
+    if requested == "torch":
+        return "torch"
+    blocker = _triton_blocker(tensors)
+    if requested == "triton" and blocker is not None:
+        raise RuntimeError(f"loom.kernels: backend 'triton' was asked for but {blocker}")
+    return "triton" if blocker is None else "torch"
+
+
+def choose_attention_backend(q: torch.Tensor, backend: str | None = None) -> AttentionBackend:
+    """flash-attn when installed, else torch's varlen kernel, on CUDA in 16-bit; else SDPA.
+
+    ``"torch"`` is the explicit-mask reference. An explicit choice that cannot run
+    here raises instead of silently falling back.
+    """
+    requested = _requested(backend, _ATTENTION_CHOICES)
+    fast_ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if requested == "auto":
+        if fast_ok and flash_attn_available():
+            return "flash_attn"
+        if fast_ok and torch_varlen_available():
+            return "varlen"
+        return "sdpa"
+    if requested in ("flash_attn", "varlen"):
+        installed = (
+            flash_attn_available() if requested == "flash_attn" else torch_varlen_available()
+        )
+        if not (fast_ok and installed):
+            raise RuntimeError(
+                f"loom.kernels: attention backend {requested!r} needs CUDA fp16/bf16 tensors "
+                f"and the kernel installed (installed={installed}, q on {q.device} {q.dtype})"
+            )
+    return requested  # type: ignore[return-value]
+
+
+def choose_grouped_mm_backend(
+    x: torch.Tensor, weight: torch.Tensor, backend: str | None = None
+) -> GroupedMMBackend:
+    """``torch._grouped_mm`` on CUDA bf16 with 16-byte aligned strides, else a per-expert loop."""
+    requested = _requested(backend, _GROUPED_MM_CHOICES)
+    if requested == "torch":
+        return "torch"
+    blocker = _grouped_mm_blocker(x, weight, require_cuda=requested == "auto")
+    if requested == "grouped_mm" and blocker is not None:
+        raise RuntimeError(f"loom.kernels: backend 'grouped_mm' was asked for but {blocker}")
+    return "grouped_mm" if blocker is None else "torch"
+
+
+def _grouped_mm_blocker(x: torch.Tensor, weight: torch.Tensor, require_cuda: bool) -> str | None:
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm"
+    if require_cuda and not (x.is_cuda and x.dtype == torch.bfloat16):
+        return "it is only chosen automatically for CUDA bf16 tensors"
+    # The kernel loads through TMA: every stride and base address must be 16-byte aligned.
+    elems = 16 // x.element_size()
+    if x.shape[-1] % elems or weight.shape[-2] % elems:
+        return f"in/out features ({x.shape[-1]}, {weight.shape[-2]}) are not multiples of {elems}"
+    if x.data_ptr() % 16 or weight.data_ptr() % 16:
+        return "a tensor's storage is not 16-byte aligned"
+    return None
