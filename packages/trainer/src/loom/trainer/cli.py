@@ -66,6 +66,17 @@ def _launch(nproc: int, config_path: Path, overrides: list[str]) -> int:
     return subprocess.call(command)
 
 
+def _check_devices(nproc: int) -> None:
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and nproc > gpus:
+        raise ConfigError(
+            f"--nproc {nproc} asks for one process per GPU, but this machine has {gpus}; "
+            f"use --nproc {gpus} or fewer"
+        )
+
+
 def train_command(config_path: Path, nproc: int, overrides: list[str]) -> int:
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
@@ -77,6 +88,7 @@ def train_command(config_path: Path, nproc: int, overrides: list[str]) -> int:
         return 0
     check_inputs(config)
     config.check_world(nproc // config.parallel.dp_replicate * config.parallel.dp_replicate)
+    _check_devices(nproc)
     prepare_output_dir(config)
     if nproc > 1:
         # The launched ranks must not clear the directory again.
