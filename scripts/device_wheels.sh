@@ -14,5 +14,5 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
   --implementation cp "${platforms[@]}" -d .whl \
   datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
   pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 \
-  libcst==1.9.0
+  libcst==1.9.0 liger-kernel==0.8.5
 ls .whl

@@ -1,0 +1,162 @@
+"""Training throughput of Loom and the tools people use instead, side by side.
+
+    python benchmarks/train_throughput.py --shape qwen3-1.7b --seq 4096 \
+        --systems hf,liger,loom --out results.jsonl
+
+Each system runs in its own process (clean CUDA memory statistics) on the same shape,
+sequence length and random tokens: one row of ``--seq`` tokens per step, AdamW, bf16.
+tokens/s is the median over the steps after ``--warmup``; MFU uses the causal count
+of ``loom.trainer.flops`` (6*N + 6*L*H*d*T per token); peak memory is
+``torch.cuda.max_memory_allocated``.
+
+- hf: plain transformers + PyTorch: fp32 weights, bf16 autocast, SDPA, fused AdamW.
+- liger: the same with Liger-Kernel's patches for the model family applied first.
+- loom: Loom's trainer code path (FSDP2 bf16 params / fp32 reduce, its loss, its
+  optimizer), at world size 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from shapes import SHAPES
+
+
+def random_model(shape: str, device: torch.device):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**SHAPES[shape])
+    with device:
+        return AutoModelForCausalLM.from_config(
+            config, attn_implementation="sdpa", dtype=torch.float32
+        )
+
+
+def hf_step_fn(model, tokens):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def loom_step_fn(model, tokens, activation_checkpointing: bool):
+    import numpy as np
+
+    from loom.dist.fsdp import apply_fsdp, mixed_precision
+    from loom.dist.mesh import init_parallel
+    from loom.trainer.data.packing import build_row
+    from loom.trainer.data.samples import shift_labels
+    from loom.trainer.model import decoder_layers, enable_activation_checkpointing
+    from loom.trainer.optim import build_optimizer
+    from loom.trainer.train import forward_backward
+
+    parallel = init_parallel()
+    if activation_checkpointing:
+        enable_activation_checkpointing(model)
+    apply_fsdp(model, decoder_layers(model), parallel.dp_mesh, mixed_precision(parallel.device))
+    optimizer = build_optimizer(model, 1e-5, (0.9, 0.95), 1e-8, 0.0, parallel.device)
+    ids = tokens[0].cpu().numpy()
+    row = build_row([(ids, np.asarray(shift_labels(list(ids), [True] * len(ids))))], len(ids), 0)
+
+    def step():
+        loss = forward_backward(model, [[row]], row.loss_tokens, parallel)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def run_one(args) -> dict:
+    from loom.trainer.flops import flop_model, peak_flops
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = random_model(args.shape, device)
+    fm = flop_model(model)
+    tokens = torch.randint(0, model.config.vocab_size, (1, args.seq), device=device)
+    if args.system == "liger":
+        import liger_kernel.transformers as liger
+
+        getattr(liger, f"apply_liger_kernel_to_{model.config.model_type}")(model=model)
+    if args.system in ("hf", "liger") and args.ac:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    step = (
+        loom_step_fn(model, tokens, args.ac) if args.system == "loom" else hf_step_fn(model, tokens)
+    )
+    times = []
+    for i in range(args.warmup + args.steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    flops = fm.step_flops(args.seq, args.seq**2)
+    return {
+        "system": args.system,
+        "shape": args.shape,
+        "seq": args.seq,
+        "activation_checkpointing": args.ac,
+        "tokens_per_s": args.seq / seconds,
+        "mfu": flops / seconds / peak_flops(device, None),
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "step_s": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", default="qwen3-1.7b", choices=sorted(SHAPES))
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--systems", default="hf,liger,loom")
+    parser.add_argument("--system", help=argparse.SUPPRESS)  # set for the child processes
+    parser.add_argument("--ac", action="store_true", help="activation checkpointing")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.system:
+        print("RESULT " + json.dumps(run_one(args)), flush=True)
+        return
+    rows = []
+    for system in args.systems.split(","):
+        command = [sys.executable, __file__, "--system", system, *sys.argv[1:]]
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+        if done.returncode or not lines:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            row = {
+                "system": system,
+                "shape": args.shape,
+                "seq": args.seq,
+                "error": " | ".join(tail),
+            }
+        else:
+            row = json.loads(lines[0][len("RESULT ") :])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        with args.out.open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+if __name__ == "__main__":
+    main()
