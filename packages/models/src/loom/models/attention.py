@@ -1,0 +1,133 @@
+"""Attention backends Loom registers with transformers' ``AttentionInterface``.
+
+``loom_sdpa`` and ``loom_varlen`` attend over packed rows: several samples back
+to back, each attending only to itself. Sample boundaries come from ``cu_seq_lens_q``
+(HF's flash-attention keyword, over the flattened ``[batch * seq]`` tokens of the whole,
+unsliced sequence) when the caller passes it, else from position ids restarting at 0.
+
+Under sequence parallelism (``set_sequence_parallel(group)``) each rank holds a slice
+of the sequence; the backend all-to-alls q/k/v to the whole sequence and a slice of
+the heads, attends, and all-to-alls back (DeepSpeed-Ulysses). The model code stays
+upstream's: rotary embeddings use each rank's own position ids, and nothing else in a
+dense decoder layer mixes tokens.
+
+- ``loom_sdpa``: a row that is one sample runs PyTorch SDPA (cuDNN / flash kernels on
+  GPU); packed rows run ``loom.kernels.varlen_attention``.
+- ``loom_varlen``: always ``varlen_attention`` (flash-attn when installed,
+  PyTorch's varlen kernel otherwise). Not named "..flash..": transformers takes any
+  implementation name containing "flash" for a hub flash-attention kernel to load.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from loom.kernels import varlen_attention
+
+LOOM_ATTENTION = ("loom_sdpa", "loom_varlen")
+_sp_group: dist.ProcessGroup | None = None
+
+
+def set_sequence_parallel(group: dist.ProcessGroup | None) -> None:
+    """Attend across the ranks of ``group`` (None: no sequence parallelism)."""
+    global _sp_group
+    _sp_group = group if group is not None and dist.get_world_size(group) > 1 else None
+
+
+def sequence_parallel_group() -> dist.ProcessGroup | None:
+    return _sp_group
+
+
+def boundaries_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens of the flattened ``[batch, seq]`` tokens: a sample starts wherever the
+    position id is 0, and at every row start."""
+    flat = position_ids.reshape(-1)
+    starts = flat == 0
+    starts[:: position_ids.shape[-1]] = True
+    index = torch.nonzero(starts).flatten()
+    end = torch.tensor([flat.numel()], device=flat.device)
+    return torch.cat([index, end]).to(torch.int32)
+
+
+def _attend(query, key, value, cu_seqlens, max_seqlen, scaling, single_sample, use_sdpa):
+    """query [batch, heads, seq, dim], key/value [batch, kv_heads, seq, dim] over whole
+    rows -> [batch, seq, heads, dim]."""
+    if single_sample and use_sdpa:
+        out = F.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1],
+        )  # fmt: skip
+        return out.transpose(1, 2)
+    batch, heads, seq, dim = query.shape
+    packed = [t.transpose(1, 2).reshape(batch * seq, t.shape[1], dim) for t in (query, key, value)]
+    out = varlen_attention(*packed, cu_seqlens, max_seqlen, causal=True, scale=scaling)
+    return out.reshape(batch, seq, heads, dim)
+
+
+def _loom_attention(module, query, key, value, attention_mask, *, use_sdpa, **kwargs):
+    if attention_mask is not None:
+        raise ValueError(
+            "Loom attention takes packed rows without a padding mask: pass position_ids "
+            "(restarting at each sample) or cu_seq_lens_q instead of attention_mask"
+        )
+    if kwargs.get("dropout", 0.0):
+        raise ValueError("Loom attention has no attention dropout; set attention_dropout to 0")
+    scaling = kwargs.get("scaling")
+    # [batch, heads, seq/sp, dim] -> [batch, heads/sp, seq, dim]
+    if _sp_group is not None:
+        from loom.dist.ulysses import gather_heads_scatter_seq, gather_seq_scatter_heads
+
+        sp = dist.get_world_size(_sp_group)
+        if key.shape[1] < sp:  # fewer kv heads than ranks: give each rank a copy
+            if sp % key.shape[1]:
+                raise ValueError(
+                    f"{key.shape[1]} key/value heads cannot be spread over sp={sp} ranks"
+                )
+            key = key.repeat_interleave(sp // key.shape[1], dim=1)
+            value = value.repeat_interleave(sp // value.shape[1], dim=1)
+        query, key, value = (
+            gather_seq_scatter_heads(t, seq_dim=2, head_dim=1, group=_sp_group)
+            for t in (query, key, value)
+        )
+    batch, seq = query.shape[0], query.shape[2]
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is None:
+        position_ids = kwargs.get("position_ids")
+        if _sp_group is not None:
+            raise ValueError("under sequence parallelism pass cu_seq_lens_q for the whole row")
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=query.device).expand(batch, seq)
+        cu_seqlens = boundaries_from_positions(position_ids)
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    else:
+        max_seqlen = int(kwargs.get("max_length_q") or (cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    single_sample = cu_seqlens.numel() == batch + 1
+    out = _attend(query, key, value, cu_seqlens, max_seqlen, scaling, single_sample, use_sdpa)
+    # [batch, seq, heads/sp, dim] -> [batch, seq/sp, heads, dim]
+    if _sp_group is not None:
+        out = gather_heads_scatter_seq(out, head_dim=2, seq_dim=1, group=_sp_group)
+    return out, None
+
+
+def loom_sdpa(module, query, key, value, attention_mask, **kwargs):
+    return _loom_attention(module, query, key, value, attention_mask, use_sdpa=True, **kwargs)
+
+
+def loom_varlen(module, query, key, value, attention_mask, **kwargs):
+    return _loom_attention(module, query, key, value, attention_mask, use_sdpa=False, **kwargs)
+
+
+def _no_mask(*args, **kwargs) -> None:
+    # Boundaries travel as cu_seqlens / position ids; no dense mask is ever built.
+    return None
+
+
+def register() -> None:
+    """Make ``attn_implementation="loom_sdpa"`` / ``"loom_varlen"`` valid."""
+    for name, fn in zip(LOOM_ATTENTION, (loom_sdpa, loom_varlen), strict=True):
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, _no_mask)

@@ -1,0 +1,123 @@
+"""Which class builds a model: Loom's port for its ``model_type`` where one exists,
+upstream HF's otherwise.
+
+Ports register themselves (``loom/models/<model_type>/__init__.py``):
+
+    @MODELING_REGISTRY.register("qwen3")
+    def qwen3(architecture: str) -> type[PreTrainedModel]: ...
+
+Registering costs nothing: a port's generated module is imported only when a model of
+its type is built.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from loom.models import attention
+
+logger = logging.getLogger(__name__)
+PORTS = ("llama", "qwen2", "qwen3", "qwen3_moe")
+
+
+class Registry:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._entries: dict[str, Callable[..., Any]] = {}
+
+    def register(self, key: str) -> Callable:
+        def add(fn: Callable) -> Callable:
+            if key in self._entries:
+                raise ValueError(f"{self.name}: {key!r} is registered twice")
+            self._entries[key] = fn
+            return fn
+
+        return add
+
+    def get(self, key: str) -> Callable[..., Any] | None:
+        _import_ports()
+        return self._entries.get(key)
+
+    def keys(self) -> list[str]:
+        _import_ports()
+        return sorted(self._entries)
+
+
+MODELING_REGISTRY = Registry("MODELING_REGISTRY")  # model_type -> fn(architecture) -> class
+MODEL_CONFIG_REGISTRY = Registry("MODEL_CONFIG_REGISTRY")  # model_type -> fn() -> config class
+MODEL_PROCESSOR_REGISTRY = Registry("MODEL_PROCESSOR_REGISTRY")  # class name -> fn() -> class
+
+
+def _import_ports() -> None:
+    for port in PORTS:
+        try:
+            importlib.import_module(f"loom.models.{port}")
+        except ModuleNotFoundError as err:
+            if err.name != f"loom.models.{port}":
+                raise
+
+
+def load_config(source: str | Path | PretrainedConfig | dict) -> PretrainedConfig:
+    if isinstance(source, PretrainedConfig):
+        return source
+    if isinstance(source, dict):
+        return AutoConfig.for_model(**source)
+    model_type = _peek_model_type(Path(source))
+    config_cls = MODEL_CONFIG_REGISTRY.get(model_type) if model_type else None
+    if config_cls is not None:
+        return config_cls().from_pretrained(source)
+    return AutoConfig.from_pretrained(source)
+
+
+def _peek_model_type(path: Path) -> str | None:
+    import json
+
+    config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.is_file():
+        return None
+    return json.loads(config_file.read_text()).get("model_type")
+
+
+def model_class(config: PretrainedConfig) -> tuple[type[PreTrainedModel], bool]:
+    """The class for ``config`` and whether it is a Loom port."""
+    factory = MODELING_REGISTRY.get(config.model_type)
+    if factory is None:
+        return AutoModelForCausalLM._model_mapping[type(config)], False
+    architecture = (getattr(config, "architectures", None) or [""])[0]
+    return factory(architecture), True
+
+
+def build_model(
+    source: str | Path | PretrainedConfig | dict,
+    attn_implementation: str = "loom_sdpa",
+    moe_implementation: Literal["eager", "fused"] | None = None,
+    init: Literal["pretrained", "random"] = "random",
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """Build a causal LM; ``init="pretrained"`` reads the safetensors of a model directory."""
+    attention.register()
+    config = load_config(source)
+    config.use_cache = False
+    if moe_implementation is not None:
+        config._moe_implementation = moe_implementation
+    cls, is_port = model_class(config)
+    if not is_port:
+        logger.warning(
+            "no Loom port for model_type %r: training upstream %s unpatched (no fused kernels; "
+            "sequence and expert parallelism are refused)",
+            config.model_type,
+            cls.__name__,
+        )
+    kwargs = {"attn_implementation": attn_implementation, "dtype": dtype}
+    if init == "pretrained":
+        if isinstance(source, PretrainedConfig | dict):
+            raise ValueError("init='pretrained' needs a model directory, not a config")
+        return cls.from_pretrained(source, config=config, **kwargs)
+    return cls._from_config(config, **kwargs)
