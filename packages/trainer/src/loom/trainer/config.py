@@ -22,7 +22,7 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     path: Path = Field(description="model directory: config.json, tokenizer, optional safetensors")
-    trust_remote_code: bool = False
+    attn_implementation: Literal["loom_sdpa", "loom_varlen", "sdpa", "eager"] = "loom_sdpa"
 
 
 class SourceConfig(Section):

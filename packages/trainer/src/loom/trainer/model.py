@@ -6,14 +6,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from loom.trainer.errors import ConfigError
 
 
-def load_tokenizer(path: Path, trust_remote_code: bool = False):
+def load_tokenizer(path: Path):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.path {path}: cannot load a tokenizer: {err}") from None
     if tokenizer.eos_token_id is None:
@@ -25,22 +25,16 @@ def has_weights(path: Path) -> bool:
     return any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
 
 
-def build_model(path: Path, trust_remote_code: bool = False) -> nn.Module:
+def build_model(path: Path, attn_implementation: str = "loom_sdpa") -> nn.Module:
     """fp32 master weights on the CPU: from safetensors when present, else freshly initialised.
 
     Every rank builds the same model (same seed), so sharding it afterwards gives each
     rank the slice a single-process run would hold.
     """
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    config.use_cache = False
-    kwargs = {"attn_implementation": "sdpa", "trust_remote_code": trust_remote_code}
-    if has_weights(path):
-        model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=torch.float32, **kwargs
-        )
-    else:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
-    return model
+    from loom.models import build_model as build
+
+    init = "pretrained" if has_weights(path) else "random"
+    return build(path, attn_implementation=attn_implementation, init=init, dtype=torch.float32)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -16,7 +16,7 @@ from torch import nn
 from loom.dist.fsdp import apply_fsdp, mixed_precision
 from loom.dist.mesh import ParallelState, destroy_parallel, init_parallel
 from loom.trainer.config import Config, dump_config
-from loom.trainer.data.collate import stack_rows
+from loom.trainer.data.collate import boundaries, stack_rows
 from loom.trainer.data.loader import BatchLoader
 from loom.trainer.data.packing import Row
 from loom.trainer.data.samples import IGNORE_INDEX, tokenize_source
@@ -77,9 +77,20 @@ def rank_share(rows: list[Row], dp_rank: int, dp_size: int, micro: int) -> list[
     return [mine[i : i + micro] for i in range(0, len(mine), micro)]
 
 
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def varlen_kwargs(cu_seqlens: torch.Tensor, longest: int) -> dict:
+    """Sample boundaries in the keywords HF passes through to the attention backend."""
+    return dict(zip(VARLEN_KEYS, (cu_seqlens, cu_seqlens, longest, longest), strict=True))
+
+
 def micro_step_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed token cross-entropy of one micro-batch (the caller normalises)."""
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    boundaries = {k: batch[k] for k in VARLEN_KEYS if k in batch}
+    logits = model(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], **boundaries
+    ).logits
     return F.cross_entropy(
         logits.float().flatten(0, 1),
         batch["labels"].flatten(),
@@ -108,6 +119,8 @@ def forward_backward(
     loss_sum = torch.zeros((), device=parallel.device)
     for i, rows in enumerate(micro):
         batch = {k: v.to(parallel.device) for k, v in stack_rows(rows).items()}
+        cu_seqlens, longest = boundaries(rows)
+        batch |= varlen_kwargs(cu_seqlens.to(parallel.device), longest)
         model.set_requires_gradient_sync(i == len(micro) - 1)  # reduce once per step
         local = micro_step_loss(model, batch)
         # FSDP averages gradients over dp ranks; scaling by dp_size makes the result the
@@ -165,11 +178,11 @@ def _train(config: Config, parallel: ParallelState) -> None:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(config, out / "config.yaml")
 
-    tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
+    tokenizer = load_tokenizer(config.model.path)
     loader = build_loader(config, tokenizer, console)
 
     torch.manual_seed(cfg.seed)
-    model = build_model(config.model.path, config.model.trust_remote_code)
+    model = build_model(config.model.path, config.model.attn_implementation)
     flops = flop_model(model)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model, cfg.ac_every)

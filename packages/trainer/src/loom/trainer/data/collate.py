@@ -18,6 +18,17 @@ def stack_rows(rows: list[Row]) -> dict[str, torch.Tensor]:
     }
 
 
+def boundaries(rows: list[Row]) -> tuple[torch.Tensor, int]:
+    """cu_seqlens over the rows flattened back to back ([rows * row_len] tokens), and the
+    longest sample: what varlen attention needs for the whole, unsliced rows."""
+    offsets, parts = 0, [np.zeros(1, dtype=np.int64)]
+    for row in rows:
+        parts.append(row.cu_seqlens[1:].astype(np.int64) + offsets)
+        offsets += len(row.input_ids)
+    cu = np.concatenate(parts)
+    return torch.from_numpy(cu.astype(np.int32)), int(np.diff(cu).max())
+
+
 def pad_to_multiple(batch: dict[str, torch.Tensor], multiple: int, pad_id: int):
     """Pad the sequence dimension to a multiple of ``multiple`` (the SP size). Padding
     tokens carry no loss, and their position ids continue as one more short sample."""
