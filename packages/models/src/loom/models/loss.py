@@ -1,0 +1,39 @@
+"""The causal-LM loss of Loom's ports: fused linear cross-entropy, no full logits.
+
+``shift_labels`` are already aligned with the hidden states (Loom's data pipeline
+shifts per sample); HF-style ``labels`` are shifted here. With ``num_items_in_batch``
+the summed token loss is divided by it: Loom's trainer passes the global count of
+loss tokens divided by the number of ranks that average gradients, so that the
+gradient FSDP averages is the gradient of the global token mean.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loom.kernels import fused_linear_cross_entropy
+
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """hidden_states: [batch, seq, hidden]; lm_head_weight: [vocab, hidden]; labels or
+    shift_labels: [batch, seq]. Returns the fp32 loss (0-d)."""
+    if shift_labels is None:
+        if labels is None:
+            raise ValueError("causal_lm_loss needs labels or shift_labels")
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    total = fused_linear_cross_entropy(
+        hidden_states, lm_head_weight, shift_labels, ignore_index=ignore_index, reduction="sum"
+    )
+    if num_items_in_batch is None:
+        return total / (shift_labels != ignore_index).sum().clamp(min=1)
+    return total / num_items_in_batch
