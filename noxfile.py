@@ -31,7 +31,7 @@ import importlib, pkgutil
 package = importlib.import_module("{module}")
 names = [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
 for name in names:
-    if ".generated." not in name:
+    if ".generated." not in name and "patch_config" not in name:
         importlib.import_module(name)
 print("{module}:", len(names), "modules import")
 """
@@ -64,8 +64,17 @@ def tests(session: nox.Session, transformers: str) -> None:
             *editable, "pytest", "pytest-timeout", "tensorboard", f"transformers=={transformers}",
             env={"UV_NO_CONFIG": "1"},  # the root's constraints pin the locked version
         )  # fmt: skip
-        paths = ["packages", "tests", *(f"--ignore={p}" for p in TRANSFORMERS_FREE)]
+        # The multi-process e2e suites (marked slow) run once, under the locked version.
+        paths = [
+            "packages",
+            "tests",
+            "-m",
+            "not slow",
+            *(f"--ignore={p}" for p in TRANSFORMERS_FREE),
+        ]
     session.run("pytest", *(session.posargs or paths))
+    # Generated ports must be what their patch configs produce from this transformers.
+    session.run("loom-patchgen", "check")
 
 
 @nox.session

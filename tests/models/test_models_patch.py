@@ -33,9 +33,16 @@ def packed_batch(vocab: int, lengths=((5, 9, 2), (16,)), seed: int = 0):
 
 
 def loss_and_grad_norm(model, ids, labels, positions):
+    """Upstream: its logits and a plain cross-entropy. A Loom port: its own fused loss
+    from already-shifted labels (no logits are made)."""
     model.zero_grad(set_to_none=True)
-    logits = model(input_ids=ids, position_ids=positions).logits
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    if getattr(model, "loom_port", False):
+        out = model(input_ids=ids, position_ids=positions, shift_labels=labels)
+        assert out.logits is None
+        loss = out.loss
+    else:
+        logits = model(input_ids=ids, position_ids=positions).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     loss.backward()
     norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None))
     return loss.detach(), norm
@@ -58,6 +65,23 @@ def test_forward_backward_matches_upstream(name, backend):
     got = loss_and_grad_norm(model, ids, labels, positions)
     torch.testing.assert_close(got[0], want[0], rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(got[1], want[1], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_hf_style_labels_match_upstream_loss(name):
+    reference = upstream(name)
+    model = build_model(TOY / f"{name}_toy", attn_implementation="eager")
+    assert model.loom_port and type(model).__module__.startswith(f"loom.models.{name}.generated")
+    model.load_state_dict(reference.state_dict())
+    ids = torch.randint(
+        0, reference.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1)
+    )
+    want = reference(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, want, rtol=RTOL, atol=ATOL)
+    with torch.no_grad():  # without labels the port returns upstream's logits
+        torch.testing.assert_close(
+            model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=RTOL, atol=ATOL
+        )
 
 
 @pytest.mark.parametrize("backend", ["loom_sdpa", "loom_varlen"])

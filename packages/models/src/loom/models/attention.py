@@ -79,16 +79,15 @@ def _loom_attention(module, query, key, value, attention_mask, *, use_sdpa, **kw
     scaling = kwargs.get("scaling")
     # [batch, heads, seq/sp, dim] -> [batch, heads/sp, seq, dim]
     if _sp_group is not None:
-        from loom.dist.ulysses import gather_heads_scatter_seq, gather_seq_scatter_heads
+        from loom.dist.ulysses import (
+            gather_heads_scatter_seq,
+            gather_seq_scatter_heads,
+            repeat_kv_for_sp,
+        )
 
         sp = dist.get_world_size(_sp_group)
-        if key.shape[1] < sp:  # fewer kv heads than ranks: give each rank a copy
-            if sp % key.shape[1]:
-                raise ValueError(
-                    f"{key.shape[1]} key/value heads cannot be spread over sp={sp} ranks"
-                )
-            key = key.repeat_interleave(sp // key.shape[1], dim=1)
-            value = value.repeat_interleave(sp // value.shape[1], dim=1)
+        # fewer KV heads than ranks: repeat them so each rank holds its queries' KV heads
+        key, value = (repeat_kv_for_sp(t, 1, query.shape[1], sp) for t in (key, value))
         query, key, value = (
             gather_seq_scatter_heads(t, seq_dim=2, head_dim=1, group=_sp_group)
             for t in (query, key, value)

@@ -64,6 +64,26 @@ def _import_ports() -> None:
                 raise
 
 
+def generated_class(model: str, architecture: str) -> type[PreTrainedModel]:
+    """``architecture`` from the port's module generated for the installed transformers."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    name = f"loom.models.{model}.generated.v{major}.patched_modeling_{model}"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != name:
+            raise
+        raise RuntimeError(
+            f"the {model} port has no module generated for transformers v{major} "
+            f"({transformers.__version__}); run loom-patchgen generate on its patch config"
+        ) from None
+    if not hasattr(module, architecture):
+        raise ValueError(f"the {model} port has no class {architecture!r} (config.architectures)")
+    return getattr(module, architecture)
+
+
 def load_config(source: str | Path | PretrainedConfig | dict) -> PretrainedConfig:
     if isinstance(source, PretrainedConfig):
         return source
@@ -119,5 +139,8 @@ def build_model(
     if init == "pretrained":
         if isinstance(source, PretrainedConfig | dict):
             raise ValueError("init='pretrained' needs a model directory, not a config")
-        return cls.from_pretrained(source, config=config, **kwargs)
-    return cls._from_config(config, **kwargs)
+        model = cls.from_pretrained(source, config=config, **kwargs)
+    else:
+        model = cls._from_config(config, **kwargs)
+    model.loom_port = is_port  # a port takes shift_labels / num_items_in_batch, fused loss
+    return model
