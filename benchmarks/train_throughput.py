@@ -11,8 +11,9 @@ of ``loom.trainer.flops`` (6*N + 6*L*H*d*T per token); peak memory is
 
 - hf: plain transformers + PyTorch: fp32 weights, bf16 autocast, SDPA, fused AdamW.
 - liger: the same with Liger-Kernel's patches for the model family applied first.
-- loom: Loom's trainer code path (FSDP2 bf16 params / fp32 reduce, its loss, its
-  optimizer), at world size 1.
+- loom: Loom's port of the model (fused kernels, fused linear cross-entropy,
+  loom_sdpa attention) through the trainer's code path (FSDP2 bf16 params / fp32
+  reduce, its loss normalisation, its optimizer), at world size 1.
 """
 
 from __future__ import annotations
@@ -31,11 +32,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from shapes import SHAPES
 
 
-def random_model(shape: str, device: torch.device):
+def random_model(shape: str, device: torch.device, loom: bool):
+    """Upstream's class for the peers; Loom's port (loom_sdpa attention) for Loom."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(**SHAPES[shape])
     with device:
+        if loom:
+            from loom.models import build_model
+
+            return build_model(config, attn_implementation="loom_sdpa", dtype=torch.float32)
         return AutoModelForCausalLM.from_config(
             config, attn_implementation="sdpa", dtype=torch.float32
         )
@@ -88,7 +94,7 @@ def run_one(args) -> dict:
 
     device = torch.device("cuda")
     torch.manual_seed(0)
-    model = random_model(args.shape, device)
+    model = random_model(args.shape, device, loom=args.system == "loom")
     fm = flop_model(model)
     tokens = torch.randint(0, model.config.vocab_size, (1, args.seq), device=device)
     if args.system == "liger":

@@ -96,3 +96,20 @@ def test_packed_rows_equal_separate_samples(name, backend):
             alone = model(input_ids=ids[:1, start : start + n]).logits
             torch.testing.assert_close(packed[:1, start : start + n], alone, rtol=RTOL, atol=ATOL)
             start += n
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["sdpa", "loom_sdpa", "loom_varlen"])
+@pytest.mark.parametrize("name", MODELS)
+def test_bf16_on_gpu_matches_upstream(name, backend):
+    """bf16 on the GPU, the fused kernels' path: within bf16 tolerances of upstream."""
+    reference = upstream(name).to("cuda", torch.bfloat16)
+    model = build_model(TOY / f"{name}_toy", attn_implementation=backend, dtype=torch.bfloat16)
+    model.load_state_dict(reference.state_dict())
+    model.cuda()
+    batch = [t.cuda() for t in packed_batch(reference.config.vocab_size)[:3]]
+    want = loss_and_grad_norm(reference, *batch)
+    got = loss_and_grad_norm(model, *batch)
+    torch.testing.assert_close(got[0].float(), want[0].float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[1].float(), want[1].float(), rtol=5e-2, atol=5e-2)
