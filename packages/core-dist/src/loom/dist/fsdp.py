@@ -38,7 +38,8 @@ def apply_fsdp(
     ``experts`` (modules whose parameters a ``ParallelPlan`` already made ``Shard(0)``
     DTensors over the ``ep`` mesh) are sharded first, over ``expert_mesh``
     (``ParallelState.expert_fsdp_mesh``), so the layer that contains them leaves them
-    alone. Pass the dense mesh as ``ParallelState.fsdp_mesh``.
+    alone. Pass the dense mesh as ``ParallelState.fsdp_mesh``. Gradients of experts and
+    dense parameters are then both the objective's gradient divided by ``mesh.size()``.
     """
     experts = list(experts)
     if experts and expert_mesh is None:
@@ -52,6 +53,15 @@ def apply_fsdp(
             reshard_after_forward=reshard_after_forward,
             **offload,
         )
+        # An expert's gradient already sums the tokens of its whole ep group (the
+        # all-to-all backward brought them); FSDP would average it over the expert mesh
+        # only. Dividing by the dense mesh's size puts it on the same scale as every
+        # dense gradient, whatever ep is.
+        module.set_gradient_divide_factor(float(mesh.size()))
+        if expert_mesh.device_type == "cpu" and expert_mesh.size(expert_mesh.ndim - 1) > 1:
+            # gloo has no PREMUL_SUM: sum, then divide. Only where a reduce-scatter runs:
+            # over a one-rank shard group torch (2.15) would then divide twice.
+            module.set_force_sum_reduction_for_comms(True)
     for layer in layers:
         fully_shard(
             layer,

@@ -62,9 +62,7 @@ class ParallelState:
 
     @property
     def dp_rank(self) -> int:
-        return self.local_rank("dp_replicate") * self.size("dp_shard") + self.local_rank(
-            "dp_shard"
-        )
+        return self.local_rank("dp_replicate") * self.size("dp_shard") + self.local_rank("dp_shard")
 
     @property
     def fsdp_mesh(self) -> DeviceMesh:
@@ -146,7 +144,9 @@ def _device_for_rank() -> torch.device:
 def _ensure_process_group(device: torch.device) -> None:
     if dist.is_initialized():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    # CPU collectives stay possible on GPU runs (CPU-offloaded FSDP shards, gradient
+    # clipping and DTensor gathers of them, small metadata exchanges).
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     if "RANK" in os.environ:  # started by torchrun
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
         return
