@@ -40,7 +40,7 @@ def test_export_round_trip(tmp_path, tied):
     reference = {k: v.clone() for k, v in model.state_dict().items()}
     state = init_parallel()
     try:
-        apply_fsdp(model, decoder_layers(model), state.dp_mesh, mixed_precision(state.device))
+        apply_fsdp(model, decoder_layers(model), state.fsdp_mesh, mixed_precision(state.device))
         export_hf(model, Tok(), tmp_path / "hf")
     finally:
         destroy_parallel()

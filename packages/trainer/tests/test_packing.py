@@ -1,9 +1,8 @@
 import datasets
 import numpy as np
 import pytest
-import torch
 
-from loom.trainer.data.collate import pad_to_multiple, sp_slice, stack_rows
+from loom.trainer.data.collate import boundaries, stack_rows
 from loom.trainer.data.loader import BatchLoader
 from loom.trainer.data.mixture import Mixture
 from loom.trainer.data.packing import build_row, pack_greedy
@@ -58,16 +57,11 @@ def test_pack_greedy_splits_text_without_losing_tokens():
     assert left == [(0, 5, 4)]  # 20 of 22 tokens packed; the last sample continues at 4
 
 
-def test_sp_slices_reassemble_the_padded_batch():
-    batch = stack_rows([build_row([sample(5), sample(4)], 11, pad_id=0)] * 2)
-    padded = pad_to_multiple(batch, 4, pad_id=0)
-    assert padded["input_ids"].shape == (2, 12)
-    assert padded["labels"][0, 11] == IGNORE_INDEX
-    pieces = [sp_slice(padded, r, 4) for r in range(4)]
-    for key in padded:
-        torch.testing.assert_close(torch.cat([p[key] for p in pieces], 1), padded[key])
-    with pytest.raises(ValueError, match="not a multiple of sp=4"):
-        sp_slice(batch, 0, 4)
+def test_boundaries_span_the_flattened_rows():
+    rows = [build_row([sample(5), sample(4)], 11, pad_id=0), build_row([sample(11)], 11, 0)]
+    cu, longest = boundaries(rows)
+    assert cu.tolist() == [0, 5, 9, 11, 22] and longest == 11
+    assert stack_rows(rows)["input_ids"].shape == (2, 11)
 
 
 def test_mixture_follows_weights_and_covers_each_epoch():

@@ -46,7 +46,9 @@ def test_activation_checkpointing_changes_nothing(parallel, every, tiny_model_di
         model = build_model(tiny_model_dir)
         if ac:
             enable_activation_checkpointing(model, every)
-        apply_fsdp(model, decoder_layers(model), parallel.dp_mesh, mixed_precision(parallel.device))
+        apply_fsdp(
+            model, decoder_layers(model), parallel.fsdp_mesh, mixed_precision(parallel.device)
+        )
         batch = rows()
         tokens = sum(r.loss_tokens for r in batch)
         loss = forward_backward(model, rank_share(batch, 0, 1, 2), tokens, parallel)
@@ -61,7 +63,7 @@ def test_loss_is_the_global_token_mean(parallel, tiny_model_dir):
     model = build_model(tiny_model_dir)
     reference = build_model(tiny_model_dir)
     reference.load_state_dict(model.state_dict())
-    apply_fsdp(model, decoder_layers(model), parallel.dp_mesh, mixed_precision(parallel.device))
+    apply_fsdp(model, decoder_layers(model), parallel.fsdp_mesh, mixed_precision(parallel.device))
     batch = rows(3)
     tokens = sum(r.loss_tokens for r in batch)
     loss = forward_backward(model, rank_share(batch, 0, 1, 1), tokens, parallel)

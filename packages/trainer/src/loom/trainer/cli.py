@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from rich.console import Console
 from rich.text import Text
 
 from loom.trainer.config import Config, check_inputs, load_config
-from loom.trainer.errors import ConfigError, LoomError
+from loom.trainer.errors import ConfigError, Interrupted, LoomError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,24 +47,62 @@ def _under_launcher() -> bool:
 
 
 def prepare_output_dir(config: Config) -> None:
-    """Refuse to write into a directory that holds an earlier run, unless told to."""
+    """Refuse to write into a directory that holds an earlier run, unless told to
+    resume it (a complete checkpoint and ``checkpoint.resume`` not ``none``) or to
+    replace it (``train.overwrite``)."""
     out = config.train.output_dir
-    if out.exists() and any(out.iterdir()):
-        if not config.train.overwrite:
-            raise ConfigError(
-                f"train.output_dir {out} already holds files from an earlier run; "
-                "choose another directory or pass --train.overwrite true to replace it"
-            )
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if config.train.overwrite:
         shutil.rmtree(out)
+        return
+    from loom.trainer.checkpointing import resume_from
+
+    if config.checkpoint.resume != "none" and resume_from(out, config.checkpoint.resume):
+        return
+    raise ConfigError(
+        f"train.output_dir {out} already holds files from an earlier run and no checkpoint "
+        "to resume; choose another directory or pass --train.overwrite true to replace it"
+    )
 
 
 def _launch(nproc: int, config_path: Path, overrides: list[str]) -> int:
+    """Run torchrun as a child; a SIGTERM / SIGINT sent to this process is passed on, so a
+    scheduler's preemption reaches the ranks (which save and stop) instead of orphaning them."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={nproc}", "-m", "loom.trainer.cli", "train", str(config_path),
         *overrides,
     ]  # fmt: skip
-    return subprocess.call(command)
+    child = subprocess.Popen(command)
+    received: list[int] = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = child.wait()
+        # torchrun turns its ranks' orderly stop into a failure code; a stop that was
+        # asked for reads as the signal, the way a shell reports it.
+        return 128 + received[0] if received and code else code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _data_parallel_size(config: Config, world: int) -> int:
+    from loom.dist.mesh import resolve_degrees
+
+    p = config.parallel
+    try:
+        replicate, shard, _, _ = resolve_degrees(
+            world, p.dp_replicate, p.dp_shard, p.sp_size, p.ep_size
+        )
+    except ValueError as err:
+        raise ConfigError(f"parallel section with --nproc {world}: {err}") from None
+    return replicate * shard
 
 
 def _check_devices(nproc: int) -> None:
@@ -87,7 +126,7 @@ def train_command(config_path: Path, nproc: int, overrides: list[str]) -> int:
         train(config)
         return 0
     check_inputs(config)
-    config.check_world(nproc // config.parallel.dp_replicate * config.parallel.dp_replicate)
+    config.check_world(_data_parallel_size(config, nproc))
     _check_devices(nproc)
     prepare_output_dir(config)
     if nproc > 1:
@@ -116,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
             return 0
         return train_command(args.config, args.nproc, overrides)
+    except Interrupted as err:
+        if os.environ.get("RANK", "0") == "0":
+            Console(stderr=True).print(f"stopped: {err}", soft_wrap=True, highlight=False)
+        return 143  # what a shell reports for SIGTERM
     except LoomError as err:
         if os.environ.get("RANK", "0") == "0":  # one report, not one per process
             message = Text.assemble(("error: ", "bold red"), str(err))

@@ -75,6 +75,12 @@ class TrainConfig(Section):
     )
 
 
+class CheckpointConfig(Section):
+    every: int = Field(0, ge=0, description="save every n steps (0: only when stopped)")
+    keep_last: int = Field(2, ge=0, description="complete checkpoints kept (0: all)")
+    resume: str = Field("auto", description='"auto" (newest in output_dir), "none", or a path')
+
+
 class LogConfig(Section):
     progress: bool = True
     tensorboard: bool = False
@@ -85,6 +91,8 @@ class LogConfig(Section):
 class ParallelConfig(Section):
     dp_replicate: int = Field(1, gt=0)
     dp_shard: int = Field(-1, description="-1: whatever the world size leaves")
+    sp_size: int = Field(1, gt=0, description="Ulysses sequence parallelism: ranks per sequence")
+    ep_size: int = Field(1, gt=0, description="expert parallelism: ranks the experts spread over")
     reshard_after_forward: bool = True
     cpu_offload: bool = False
 
@@ -100,7 +108,23 @@ class Config(Section):
     data: DataConfig
     train: TrainConfig
     parallel: ParallelConfig = ParallelConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _sequence_parallel_fits(self) -> Config:
+        sp = self.parallel.sp_size
+        if sp > 1 and self.data.max_seq_len % sp:
+            raise ValueError(
+                f"data.max_seq_len={self.data.max_seq_len} must be a multiple of "
+                f"parallel.sp_size={sp}: each rank holds an equal slice of every row"
+            )
+        if sp > 1 and not self.model.attn_implementation.startswith("loom_"):
+            raise ValueError(
+                f"parallel.sp_size={sp} needs a Loom attention backend (loom_sdpa or "
+                f"loom_varlen), not model.attn_implementation={self.model.attn_implementation}"
+            )
+        return self
 
     def global_rows(self) -> int | None:
         """Rows per optimizer step, or None when the batch is counted in samples."""
@@ -179,6 +203,8 @@ def _key(loc: tuple) -> str:
 
 def _describe(err: dict[str, Any]) -> str:
     key = _key(err["loc"])
+    if not key:  # a check across sections; its message names the keys
+        return err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         close = difflib.get_close_matches(key, _known_keys(Config), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""

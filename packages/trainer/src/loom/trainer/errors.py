@@ -11,3 +11,7 @@ class ConfigError(LoomError):
 
 class DataError(LoomError):
     """A dataset file that cannot be read or holds a bad record."""
+
+
+class Interrupted(LoomError):
+    """The run was asked to stop (SIGTERM / SIGINT) and saved a checkpoint first."""

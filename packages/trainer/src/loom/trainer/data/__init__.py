@@ -5,5 +5,5 @@
 - ``mixture``: a seeded, resumable draw of samples from weighted sources.
 - ``packing``: pack samples into rows with per-sample position ids and ``cu_seqlens``.
 - ``loader``: global batches of rows for each step, the same for every world size.
-- ``collate``: pad a row to a multiple of the SP size and give each SP rank its slice.
+- ``collate``: rows to tensors, and the sample boundaries of whole rows for attention.
 """

@@ -1,4 +1,4 @@
-"""Rows to tensors: stack micro-batches and, under sequence parallelism, slice per rank."""
+"""Rows to tensors: a micro-batch of rows and the sample boundaries of its whole rows."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import numpy as np
 import torch
 
 from loom.trainer.data.packing import Row
-from loom.trainer.data.samples import IGNORE_INDEX
 
 
 def stack_rows(rows: list[Row]) -> dict[str, torch.Tensor]:
@@ -27,27 +26,3 @@ def boundaries(rows: list[Row]) -> tuple[torch.Tensor, int]:
         offsets += len(row.input_ids)
     cu = np.concatenate(parts)
     return torch.from_numpy(cu.astype(np.int32)), int(np.diff(cu).max())
-
-
-def pad_to_multiple(batch: dict[str, torch.Tensor], multiple: int, pad_id: int):
-    """Pad the sequence dimension to a multiple of ``multiple`` (the SP size). Padding
-    tokens carry no loss, and their position ids continue as one more short sample."""
-    length = batch["input_ids"].shape[1]
-    pad = -length % multiple
-    if not pad:
-        return batch
-    rows = batch["input_ids"].shape[0]
-    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX}
-    out = {k: torch.cat([v, v.new_full((rows, pad), fill.get(k, 0))], 1) for k, v in batch.items()}
-    out["position_ids"][:, length:] = torch.arange(pad)
-    return out
-
-
-def sp_slice(batch: dict[str, torch.Tensor], sp_rank: int, sp_size: int) -> dict[str, torch.Tensor]:
-    """This SP rank's contiguous slice of the sequence. Labels were shifted per sample
-    before packing, so each slice carries the right targets without its neighbours."""
-    length = batch["input_ids"].shape[1]
-    if length % sp_size:
-        raise ValueError(f"sequence length {length} is not a multiple of sp={sp_size}; pad first")
-    chunk = length // sp_size
-    return {k: v[:, sp_rank * chunk : (sp_rank + 1) * chunk] for k, v in batch.items()}

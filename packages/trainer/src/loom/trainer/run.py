@@ -1,0 +1,160 @@
+"""Everything one run trains with, built from the config: the ``Run``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from torch import nn
+
+from loom.dist.checkpoint import load_checkpoint
+from loom.dist.fsdp import apply_fsdp, mixed_precision
+from loom.dist.mesh import ParallelState
+from loom.trainer.checkpointing import resume_from
+from loom.trainer.config import Config, dump_config
+from loom.trainer.data.loader import BatchLoader
+from loom.trainer.data.samples import tokenize_source
+from loom.trainer.data.sources import load_source
+from loom.trainer.flops import FlopModel, flop_model, peak_flops
+from loom.trainer.metrics import MetricsLog, read_metrics
+from loom.trainer.model import (
+    build_model,
+    decoder_layers,
+    enable_activation_checkpointing,
+    load_tokenizer,
+)
+from loom.trainer.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class Run:
+    config: Config
+    parallel: ParallelState
+    console: Console
+    tokenizer: object
+    loader: BatchLoader
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    flops: FlopModel
+    peak_flops: float | None
+    log: MetricsLog | None  # rank 0 only
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # tokens seen
+
+    @property
+    def out(self) -> Path:
+        return self.config.train.output_dir
+
+
+def build_loader(config: Config, tokenizer, console: Console) -> BatchLoader:
+    """Read and tokenize every source; rank 0 first, so the others reuse its cache."""
+    tables = []
+    for rank_turn in (True, False):
+        if rank_turn == (dist.get_rank() == 0):
+            for source in config.data.sources:
+                records, dropped = load_source(
+                    source.path, source.format, source.column, config.data.strict
+                )
+                if dropped:
+                    console.print(f"[yellow]{source.path}: skipped {dropped} bad records")
+                samples = tokenize_source(
+                    records, tokenizer, source.format, source.column, config.data.max_seq_len
+                )
+                console.print(
+                    f"data: {source.path}: {len(records)} records -> {len(samples)} samples"
+                )
+                tables.append(samples)
+        dist.barrier()
+    train = config.train
+    unit = "samples" if train.batch_unit == "samples" else "rows"
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    return BatchLoader(
+        tables,
+        [s.weight for s in config.data.sources],
+        [s.format == "text" for s in config.data.sources],
+        train.seed,
+        config.data.max_seq_len,
+        pad_id,
+        config.global_rows() or train.global_batch_size,
+        unit,
+    )
+
+
+def build_sharded_model(config: Config, parallel: ParallelState) -> nn.Module:
+    """The model on this rank's device, FSDP2-sharded over dp x sp (same seed everywhere,
+    so each rank keeps the shard a single process would hold)."""
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model.path, config.model.attn_implementation)
+    if config.train.activation_checkpointing:
+        enable_activation_checkpointing(model, config.train.ac_every)
+    model.to(parallel.device)
+    apply_fsdp(
+        model,
+        decoder_layers(model),
+        parallel.fsdp_mesh,
+        mixed_precision(parallel.device),
+        reshard_after_forward=config.parallel.reshard_after_forward,
+        cpu_offload=config.parallel.cpu_offload,
+    )
+    return model
+
+
+def build_run(config: Config, parallel: ParallelState) -> Run:
+    cfg, out, main = config.train, config.train.output_dir, parallel.rank == 0
+    console = Console(stderr=True, quiet=not main)
+    config.check_world(parallel.dp_size)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(config, out / "config.yaml")
+    tokenizer = load_tokenizer(config.model.path)
+    loader = build_loader(config, tokenizer, console)
+    model = build_sharded_model(config, parallel)
+    optimizer = build_optimizer(
+        model, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, parallel.device
+    )
+    scheduler = build_scheduler(
+        optimizer, cfg.schedule, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio
+    )
+    run = Run(
+        config, parallel, console, tokenizer, loader, model, optimizer, scheduler,
+        flops=flop_model(model), peak_flops=peak_flops(parallel.device, config.log.peak_tflops),
+        log=None,
+    )  # fmt: skip
+    resume(run)
+    if main:
+        run.log = MetricsLog(
+            out, config.log.tensorboard, config.log.wandb_project, config.model_dump(mode="json")
+        )
+    return run
+
+
+def resume(run: Run) -> None:
+    """Continue from ``checkpoint.resume``'s checkpoint, if there is one."""
+    path = resume_from(run.out, run.config.checkpoint.resume)
+    if path is None:
+        return
+    resumed = load_checkpoint(path, run.model, run.optimizer, run.scheduler, run.parallel.device)
+    run.loader.load_state_dict(resumed.data_state["loader"])
+    run.step, run.tokens = resumed.step, resumed.data_state["tokens"]
+    run.console.print(f"resumed from {path} (saved at world size {resumed.saved_world_size})")
+    if run.parallel.rank == 0:
+        keep_metrics_until(run.out / "metrics.jsonl", run.step)
+
+
+def data_state(run: Run) -> dict:
+    """What a checkpoint keeps besides model, optimizer and scheduler."""
+    return {"loader": run.loader.state_dict(), "tokens": run.tokens}
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the records a killed run wrote after the checkpoint it resumes from."""
+    if path.is_file():
+        kept = [r for r in read_metrics(path) if r["step"] <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
