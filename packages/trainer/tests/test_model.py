@@ -1,5 +1,7 @@
 """The model side of the trainer against plain HF: packing isolation and HF export."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
@@ -51,3 +53,25 @@ def test_export_round_trip(tmp_path, tied):
     for key, value in loaded.state_dict().items():
         torch.testing.assert_close(value, reference[key], rtol=0, atol=0, msg=key)
     assert (tmp_path / "hf" / "tokenizer_marker").is_file()
+
+
+def test_pretrained_model_is_built_on_meta_and_loaded_by_shards(tmp_path):
+    from loom.trainer.config import load_config
+    from loom.trainer.run import build_sharded_model
+
+    reference = tiny_model()
+    reference.save_pretrained(tmp_path / "m")
+    config = load_config(
+        Path(__file__).resolve().parents[3] / "examples/tiny/train.yaml",
+        ["--model.path", str(tmp_path / "m")],
+    )
+    state = init_parallel()
+    try:
+        model = build_sharded_model(config, state)
+        ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            got, want = model(input_ids=ids).logits, reference(input_ids=ids).logits
+    finally:
+        destroy_parallel()
+    assert model.loom_port
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -25,16 +25,29 @@ def has_weights(path: Path) -> bool:
     return any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
 
 
-def build_model(path: Path, attn_implementation: str = "loom_sdpa") -> nn.Module:
-    """fp32 master weights on the CPU: from safetensors when present, else freshly initialised.
-
-    Every rank builds the same model (same seed), so sharding it afterwards gives each
-    rank the slice a single-process run would hold.
-    """
+def build_model(
+    path: Path, attn_implementation: str = "loom_sdpa", meta: bool = False
+) -> nn.Module:
+    """The model with fp32 master weights, freshly initialised on the CPU (every rank
+    alike: same seed), or on the meta device, to be sharded first and filled after."""
     from loom.models import build_model as build
 
-    init = "pretrained" if has_weights(path) else "random"
-    return build(path, attn_implementation=attn_implementation, init=init, dtype=torch.float32)
+    with torch.device("meta" if meta else "cpu"):
+        return build(path, attn_implementation=attn_implementation, dtype=torch.float32)
+
+
+def recompute_buffers(model: nn.Module) -> None:
+    """Fill the non-persistent buffers a checkpoint does not hold (rotary frequencies)
+    after ``to_empty``: a fresh CPU copy of each module that has them computes them."""
+    for module in model.modules():
+        persistent = (
+            set(dict(module.named_buffers(recurse=False))) - module._non_persistent_buffers_set
+        )
+        if len(persistent) == len(module._buffers) or not hasattr(module, "config"):
+            continue
+        fresh = type(module)(config=module.config)
+        for name in module._non_persistent_buffers_set:
+            module._buffers[name].copy_(fresh._buffers[name])
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -13,6 +13,7 @@ from torch import nn
 
 from loom.dist.checkpoint import load_checkpoint
 from loom.dist.fsdp import apply_fsdp, mixed_precision
+from loom.dist.loading import load_safetensors, materialize
 from loom.dist.mesh import ParallelState
 from loom.trainer.checkpointing import resume_from
 from loom.trainer.config import Config, dump_config
@@ -25,7 +26,9 @@ from loom.trainer.model import (
     build_model,
     decoder_layers,
     enable_activation_checkpointing,
+    has_weights,
     load_tokenizer,
+    recompute_buffers,
 )
 from loom.trainer.optim import build_optimizer, build_scheduler
 
@@ -88,13 +91,19 @@ def build_loader(config: Config, tokenizer, console: Console) -> BatchLoader:
 
 
 def build_sharded_model(config: Config, parallel: ParallelState) -> nn.Module:
-    """The model on this rank's device, FSDP2-sharded over dp x sp (same seed everywhere,
-    so each rank keeps the shard a single process would hold)."""
+    """The model on this rank's device, FSDP2-sharded over dp x sp.
+
+    With safetensors in ``model.path`` it is built on the meta device, sharded, and each
+    rank reads only its own shards: no rank ever holds the whole model. Otherwise every
+    rank initialises the whole model from the same seed and keeps its shard.
+    """
+    pretrained = has_weights(config.model.path)
     torch.manual_seed(config.train.seed)
-    model = build_model(config.model.path, config.model.attn_implementation)
+    model = build_model(config.model.path, config.model.attn_implementation, meta=pretrained)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(model, config.train.ac_every)
-    model.to(parallel.device)
+    if not pretrained:
+        model.to(parallel.device)
     apply_fsdp(
         model,
         decoder_layers(model),
@@ -103,6 +112,9 @@ def build_sharded_model(config: Config, parallel: ParallelState) -> nn.Module:
         reshard_after_forward=config.parallel.reshard_after_forward,
         cpu_offload=config.parallel.cpu_offload,
     )
+    if pretrained:
+        materialize(model, parallel.device, init=recompute_buffers)
+        load_safetensors(model, config.model.path)
     return model
 
 
