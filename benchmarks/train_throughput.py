@@ -4,7 +4,8 @@
         --systems hf,liger,loom --out results.jsonl
 
 Each system runs in its own process (clean CUDA memory statistics) on the same shape,
-sequence length and random tokens: one row of ``--seq`` tokens per step, AdamW, bf16.
+sequence length and random tokens: ``--accum`` rows of ``--seq`` tokens per optimizer
+step (one row per forward, gradients accumulated), AdamW, bf16.
 tokens/s is the median over the steps after ``--warmup``; MFU uses the causal count
 of ``loom.trainer.flops`` (6*N + 6*L*H*d*T per token); peak memory is
 ``torch.cuda.max_memory_allocated``.
@@ -47,13 +48,14 @@ def random_model(shape: str, device: torch.device, loom: bool):
         )
 
 
-def hf_step_fn(model, tokens):
+def hf_step_fn(model, tokens, accum: int):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
+        for _ in range(accum):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=tokens, labels=tokens).loss / accum
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
@@ -61,7 +63,7 @@ def hf_step_fn(model, tokens):
     return step
 
 
-def loom_step_fn(model, tokens, activation_checkpointing: bool):
+def loom_step_fn(model, tokens, activation_checkpointing: bool, accum: int = 1):
     import numpy as np
 
     from loom.dist.fsdp import apply_fsdp, mixed_precision
@@ -81,7 +83,7 @@ def loom_step_fn(model, tokens, activation_checkpointing: bool):
     row = build_row([(ids, np.asarray(shift_labels(list(ids), [True] * len(ids))))], len(ids), 0)
 
     def step():
-        loss = forward_backward(model, [[row]], row.loss_tokens, parallel)
+        loss = forward_backward(model, [[row]] * accum, row.loss_tokens * accum, parallel)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
@@ -115,13 +117,14 @@ def run_one(args) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    flops = fm.step_flops(args.seq, args.seq**2)
+    flops = fm.step_flops(args.seq, args.seq**2) * args.accum
     return {
         "system": args.system,
         "shape": args.shape,
         "seq": args.seq,
+        "accum": args.accum,
         "activation_checkpointing": args.ac,
-        "tokens_per_s": args.seq / seconds,
+        "tokens_per_s": args.seq * args.accum / seconds,
         "mfu": flops / seconds / peak_flops(device, None),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "step_s": seconds,
@@ -135,6 +138,9 @@ def main() -> None:
     parser.add_argument("--systems", default="hf,liger,loom")
     parser.add_argument("--system", help=argparse.SUPPRESS)  # set for the child processes
     parser.add_argument("--ac", action="store_true", help="activation checkpointing")
+    parser.add_argument(
+        "--accum", type=int, default=1, help="rows of --seq tokens per optimizer step"
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path)
