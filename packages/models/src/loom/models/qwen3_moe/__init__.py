@@ -1,0 +1,12 @@
+"""Qwen3-MoE port: upstream's modeling code with Loom's stacked experts (eager, fused,
+expert-parallel), kernels and loss (see generated/); ``parallel_plan.EXPERT_PLAN``
+shards the experts over the ``ep`` mesh; ``converter.Qwen3MoeConverter`` reads HF's
+per-expert checkpoints into the stacked layout and ``converter.to_hf`` writes them back.
+"""
+
+from loom.models.registry import MODELING_REGISTRY, generated_class
+
+
+@MODELING_REGISTRY.register("qwen3_moe")
+def qwen3_moe_class(architecture: str):
+    return generated_class("qwen3_moe", architecture or "Qwen3MoeForCausalLM")
