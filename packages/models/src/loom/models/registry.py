@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,8 +52,25 @@ class Registry:
 
 
 MODELING_REGISTRY = Registry("MODELING_REGISTRY")  # model_type -> fn(architecture) -> class
+PORT_HOOKS_REGISTRY = Registry("PORT_HOOKS_REGISTRY")  # model_type -> fn() -> PortHooks
 MODEL_CONFIG_REGISTRY = Registry("MODEL_CONFIG_REGISTRY")  # model_type -> fn() -> config class
 MODEL_PROCESSOR_REGISTRY = Registry("MODEL_PROCESSOR_REGISTRY")  # class name -> fn() -> class
+
+
+@dataclass(frozen=True)
+class PortHooks:
+    """What a port tells the trainer beyond its class: how to spread its experts, and how
+    its parameters differ from HF's checkpoint layout (both ways)."""
+
+    expert_plan: Any = None  # a loom.dist.plan.ParallelPlan over the ep mesh
+    expert_modules: Callable[[Any], list] | None = None  # modules FSDP shards over experts
+    converter: Callable[[PretrainedConfig], Any] | None = None  # -> loom.dist TensorConverter
+    to_hf: Callable[[dict], dict] | None = None  # full tensors -> HF checkpoint layout
+
+
+def port_hooks(model_type: str) -> PortHooks:
+    factory = PORT_HOOKS_REGISTRY.get(model_type)
+    return factory() if factory is not None else PortHooks()
 
 
 def _import_ports() -> None:

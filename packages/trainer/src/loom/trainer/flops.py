@@ -8,7 +8,8 @@ only, as in the PaLM paper (appendix B):
 
 N counts every weight that multiplies activations: all parameters but the input
 embedding, which is a lookup (with tied embeddings it is also the output projection,
-so it is counted). For a packed row, ``n`` runs over its samples' lengths: attention
+so it is counted). In a mixture of experts only the ``top_k / experts`` share of the
+routed experts' weights acts on a token. For a packed row, ``n`` runs over its samples' lengths: attention
 never crosses samples. Causal attention does half of the ``2 * 2 * n^2 * d`` of full
 attention, hence 6 rather than 12. MFU is achieved FLOP/s over the hardware's dense
 bf16 peak summed over all GPUs.
@@ -45,6 +46,10 @@ def flop_model(model: nn.Module) -> FlopModel:
     embedding = model.get_input_embeddings().weight
     tied = model.get_output_embeddings().weight is embedding
     params = sum(p.numel() for p in model.parameters())  # shared tensors are counted once
+    routed = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    experts, top_k = getattr(config, "num_experts", 0), getattr(config, "num_experts_per_tok", 0)
+    if routed and experts and top_k:
+        params -= round(routed * (1 - top_k / experts))
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return FlopModel(

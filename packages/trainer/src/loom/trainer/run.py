@@ -15,11 +15,13 @@ from loom.dist.checkpoint import load_checkpoint
 from loom.dist.fsdp import apply_fsdp, mixed_precision
 from loom.dist.loading import load_safetensors, materialize
 from loom.dist.mesh import ParallelState
+from loom.models.registry import port_hooks
 from loom.trainer.checkpointing import resume_from
 from loom.trainer.config import Config, dump_config
 from loom.trainer.data.loader import BatchLoader
 from loom.trainer.data.samples import tokenize_source
 from loom.trainer.data.sources import load_source
+from loom.trainer.errors import ConfigError
 from loom.trainer.flops import FlopModel, flop_model, peak_flops
 from loom.trainer.metrics import MetricsLog, read_metrics
 from loom.trainer.model import (
@@ -91,19 +93,31 @@ def build_loader(config: Config, tokenizer, console: Console) -> BatchLoader:
 
 
 def build_sharded_model(config: Config, parallel: ParallelState) -> nn.Module:
-    """The model on this rank's device, FSDP2-sharded over dp x sp.
+    """The model on this rank's device: experts ``Shard(0)`` over the ep mesh (MoE ports),
+    then FSDP2 over dp x sp.
 
     With safetensors in ``model.path`` it is built on the meta device, sharded, and each
-    rank reads only its own shards: no rank ever holds the whole model. Otherwise every
-    rank initialises the whole model from the same seed and keeps its shard.
+    rank reads only its own shards (through the port's converter where HF's layout
+    differs): no rank ever holds the whole model. Otherwise every rank initialises the
+    whole model from the same seed and keeps its shard.
     """
     pretrained = has_weights(config.model.path)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model.path, config.model.attn_implementation, meta=pretrained)
+    hooks = port_hooks(model.config.model_type)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(model, config.train.ac_every)
     if not pretrained:
         model.to(parallel.device)
+    experts = []
+    if hooks.expert_plan is not None:
+        hooks.expert_plan.apply(model, parallel.ep_mesh)
+        experts = hooks.expert_modules(model)
+    elif config.parallel.ep_size > 1:
+        raise ConfigError(
+            f"parallel.ep_size={config.parallel.ep_size}, but {model.config.model_type} has no "
+            "Loom port with experts to spread; use ep_size 1"
+        )
     apply_fsdp(
         model,
         decoder_layers(model),
@@ -111,10 +125,13 @@ def build_sharded_model(config: Config, parallel: ParallelState) -> nn.Module:
         mixed_precision(parallel.device),
         reshard_after_forward=config.parallel.reshard_after_forward,
         cpu_offload=config.parallel.cpu_offload,
+        experts=experts,
+        expert_mesh=parallel.expert_fsdp_mesh if experts else None,
     )
     if pretrained:
         materialize(model, parallel.device, init=recompute_buffers)
-        load_safetensors(model, config.model.path)
+        converter = hooks.converter(model.config) if hooks.converter else None
+        load_safetensors(model, config.model.path, converter)
     return model
 
 

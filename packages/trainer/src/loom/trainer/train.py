@@ -47,22 +47,30 @@ def varlen_kwargs(cu_seqlens: torch.Tensor, longest: int) -> dict:
     return dict(zip(VARLEN_KEYS, (cu_seqlens, cu_seqlens, longest, longest), strict=True))
 
 
-def micro_step_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed token cross-entropy of one micro-batch (the caller normalises).
+def micro_step_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], num_items: float, micro_batches: int
+):
+    """The micro-batch's summed token cross-entropy divided by ``num_items``, plus a MoE
+    port's router aux loss over ``micro_batches`` (so a step's aux loss is the mean over
+    every micro-batch of every rank): what this rank backpropagates.
 
     A Loom port computes it inside its forward with the fused linear cross-entropy (no
     logits); an upstream model returns logits and the loss is taken from them here.
     """
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", *VARLEN_KEYS) if k in batch}
     if getattr(model, "loom_port", False):
-        return model(**inputs, shift_labels=batch["labels"], num_items_in_batch=1).loss
+        if hasattr(model.config, "router_aux_loss_coef"):
+            inputs["aux_loss_scale"] = 1 / micro_batches
+        out = model(**inputs, shift_labels=batch["labels"], num_items_in_batch=num_items)
+        return out.loss
     logits = model(**inputs).logits
-    return F.cross_entropy(
+    total = F.cross_entropy(
         logits.float().flatten(0, 1),
         batch["labels"].flatten(),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
+    return total / num_items
 
 
 def grad_norm_and_clip(model: nn.Module, max_norm: float) -> float:
@@ -79,9 +87,15 @@ class StepResult:
 def forward_backward(
     model: nn.Module, micro: list[list[Row]], loss_tokens: int, parallel: ParallelState
 ) -> float:
-    """Accumulate gradients of (summed token loss / ``loss_tokens``) over this rank's
-    micro-batches; return the global mean loss."""
-    loss_sum = torch.zeros((), device=parallel.device)
+    """Accumulate gradients of the global token-mean loss over this rank's micro-batches;
+    return that loss.
+
+    FSDP averages gradients over all dp x sp ranks, so each rank backpropagates its
+    summed token loss divided by ``loss_tokens / fsdp_size``: the average is then the
+    gradient of (all tokens' loss / ``loss_tokens``), whatever the layout.
+    """
+    num_items = max(loss_tokens, 1) / parallel.fsdp_size
+    total = torch.zeros((), device=parallel.device)
     for i, rows in enumerate(micro):
         # [rows, seq] -> [rows, seq/sp]: this SP rank's slice; boundaries stay whole-row
         batch = {
@@ -91,13 +105,11 @@ def forward_backward(
         cu_seqlens, longest = boundaries(rows)
         batch |= varlen_kwargs(cu_seqlens.to(parallel.device), longest)
         model.set_requires_gradient_sync(i == len(micro) - 1)  # reduce once per step
-        local = micro_step_loss(model, batch)
-        # FSDP averages gradients over all dp x sp ranks; scaling by their number makes
-        # the result the gradient of the global token mean whatever the layout.
-        (local * parallel.fsdp_size / max(loss_tokens, 1)).backward()
-        loss_sum += local.detach()
-    dist.all_reduce(loss_sum)
-    return loss_sum.item() / max(loss_tokens, 1)
+        loss = micro_step_loss(model, batch, num_items, len(micro))
+        loss.backward()
+        total += loss.detach()
+    dist.all_reduce(total)
+    return total.item() / parallel.fsdp_size
 
 
 def should_skip(result: StepResult, policy: str, step: int) -> bool:

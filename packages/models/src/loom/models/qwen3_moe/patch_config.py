@@ -36,6 +36,9 @@ config = PatchConfig(
 # 3. the load-balancing aux loss is added with its coefficient only when it is a
 #    tensor: upstream's helper returns the int 0 without router logits, and
 #    `0.to(...)` would raise; the sum is out of place
+# 4. `aux_loss_scale` weighs the aux term: Loom's trainer passes 1 / (micro-batches per
+#    rank), so a step's aux loss is the mean over all its micro-batches on all ranks,
+#    the same for a single process with accumulation and for data/expert parallelism
 # ================================================================
 def causal_lm_forward(
     self,
@@ -58,6 +61,9 @@ def causal_lm_forward(
     shift_labels = kwargs.pop("shift_labels", None)
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     # --- Patch.1 ---
+    # --- Patch.4 ---
+    aux_loss_scale = kwargs.pop("aux_loss_scale", 1.0)
+    # --- Patch.4 ---
     output_router_logits = (
         output_router_logits
         if output_router_logits is not None
@@ -101,7 +107,10 @@ def causal_lm_forward(
         if not isinstance(aux_loss, torch.Tensor):
             aux_loss = None
         elif loss is not None:
-            loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
+            # --- Patch.4 ---
+            scaled = aux_loss_scale * self.router_aux_loss_coef
+            # --- Patch.4 ---
+            loss = loss + scaled * aux_loss.to(loss.device)
         # --- Patch.3 ---
     return MoeCausalLMOutputWithPast(
         loss=loss,
