@@ -48,3 +48,24 @@ SHAPES = {
         "use_cache": False,
     },
 }
+
+# The Qwen3-MoE-shaped model: 12 layers, hidden 2048, 64 experts top-8, expert
+# intermediate 768 (Qwen3-30B-A3B's routing with fewer, narrower layers).
+SHAPES["qwen3-moe-12l"] = {
+    **QWEN3,
+    "model_type": "qwen3_moe",
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "num_experts": 64,
+    "num_experts_per_tok": 8,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "norm_topk_prob": True,
+    "output_router_logits": True,
+    "router_aux_loss_coef": 0.001,
+}

@@ -10,7 +10,9 @@ tokens/s is the median over the steps after ``--warmup``; MFU uses the causal co
 of ``loom.trainer.flops`` (6*N + 6*L*H*d*T per token); peak memory is
 ``torch.cuda.max_memory_allocated``.
 
-- hf: plain transformers + PyTorch: fp32 weights, bf16 autocast, SDPA, fused AdamW.
+- hf: plain transformers + PyTorch: fp32 weights, bf16 autocast, SDPA, fused AdamW
+  (MoE: transformers' default experts implementation).
+- hf-eager: the same with transformers' per-expert loop (``experts_implementation="eager"``).
 - liger: the same with Liger-Kernel's patches for the model family applied first.
 - loom: Loom's port of the model (fused kernels, fused linear cross-entropy,
   loom_sdpa attention) through the trainer's code path (FSDP2 bf16 params / fp32
@@ -33,8 +35,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from shapes import SHAPES
 
 
-def random_model(shape: str, device: torch.device, loom: bool):
-    """Upstream's class for the peers; Loom's port (loom_sdpa attention) for Loom."""
+def random_model(shape: str, device: torch.device, loom: bool, experts: str | None = None):
+    """Upstream's class for the peers (``experts``: HF v5's MoE experts implementation,
+    None for its default); Loom's port (loom_sdpa attention) for Loom."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(**SHAPES[shape])
@@ -43,8 +46,9 @@ def random_model(shape: str, device: torch.device, loom: bool):
             from loom.models import build_model
 
             return build_model(config, attn_implementation="loom_sdpa", dtype=torch.float32)
+        extra = {"experts_implementation": experts} if experts else {}
         return AutoModelForCausalLM.from_config(
-            config, attn_implementation="sdpa", dtype=torch.float32
+            config, attn_implementation="sdpa", dtype=torch.float32, **extra
         )
 
 
@@ -66,18 +70,18 @@ def hf_step_fn(model, tokens, accum: int):
 def loom_step_fn(model, tokens, activation_checkpointing: bool, accum: int = 1):
     import numpy as np
 
-    from loom.dist.fsdp import apply_fsdp, mixed_precision
     from loom.dist.mesh import init_parallel
     from loom.trainer.data.packing import build_row
     from loom.trainer.data.samples import shift_labels
-    from loom.trainer.model import decoder_layers, enable_activation_checkpointing
+    from loom.trainer.model import enable_activation_checkpointing
     from loom.trainer.optim import build_optimizer
+    from loom.trainer.run import shard_model
     from loom.trainer.train import forward_backward
 
     parallel = init_parallel()
     if activation_checkpointing:
         enable_activation_checkpointing(model)
-    apply_fsdp(model, decoder_layers(model), parallel.dp_mesh, mixed_precision(parallel.device))
+    shard_model(model, parallel)
     optimizer = build_optimizer(model, 1e-5, (0.9, 0.95), 1e-8, 0.0, parallel.device)
     ids = tokens[0].cpu().numpy()
     row = build_row([(ids, np.asarray(shift_labels(list(ids), [True] * len(ids))))], len(ids), 0)
@@ -96,14 +100,15 @@ def run_one(args) -> dict:
 
     device = torch.device("cuda")
     torch.manual_seed(0)
-    model = random_model(args.shape, device, loom=args.system == "loom")
+    experts = "eager" if args.system == "hf-eager" else None
+    model = random_model(args.shape, device, loom=args.system == "loom", experts=experts)
     fm = flop_model(model)
     tokens = torch.randint(0, model.config.vocab_size, (1, args.seq), device=device)
     if args.system == "liger":
         import liger_kernel.transformers as liger
 
         getattr(liger, f"apply_liger_kernel_to_{model.config.model_type}")(model=model)
-    if args.system in ("hf", "liger") and args.ac:
+    if args.system != "loom" and args.ac:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     step = (
         loom_step_fn(model, tokens, args.ac) if args.system == "loom" else hf_step_fn(model, tokens)

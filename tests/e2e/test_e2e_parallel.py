@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import transformers
 import yaml
+from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY = ROOT / "tests/toy_config"
@@ -74,6 +75,9 @@ def test_layouts_match_single_process(name, tmp_path):
     )  # fmt: skip
     reference = run(config, tmp_path / "single", 1, [])
     assert reference[-1]["epoch"] >= 1.8, "the data should last about 2 steps per epoch"
+    # The export is in HF's layout (per-expert keys for MoE): upstream's class loads it.
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "single/hf", output_loading_info=True)
+    assert not any(info.values()), info
     for nproc, extra in MOE_LAYOUTS if name.endswith("_moe") else LAYOUTS:
         records = run(config, tmp_path / f"run-{nproc}-{'-'.join(extra)}", nproc, extra)
         for want, got in zip(reference, records, strict=True):

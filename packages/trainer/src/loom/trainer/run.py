@@ -92,6 +92,36 @@ def build_loader(config: Config, tokenizer, console: Console) -> BatchLoader:
     )
 
 
+def shard_model(
+    model: nn.Module,
+    parallel: ParallelState,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+) -> None:
+    """A MoE port's experts ``Shard(0)`` over the ep mesh, then FSDP2 over dp x sp (and
+    the experts over the expert mesh)."""
+    hooks = port_hooks(model.config.model_type)
+    experts = []
+    if hooks.expert_plan is not None:
+        hooks.expert_plan.apply(model, parallel.ep_mesh)
+        experts = hooks.expert_modules(model)
+    elif parallel.ep_size > 1:
+        raise ConfigError(
+            f"parallel.ep_size={parallel.ep_size}, but {model.config.model_type} has no "
+            "Loom port with experts to spread; use ep_size 1"
+        )
+    apply_fsdp(
+        model,
+        decoder_layers(model),
+        parallel.fsdp_mesh,
+        mixed_precision(parallel.device),
+        reshard_after_forward=reshard_after_forward,
+        cpu_offload=cpu_offload,
+        experts=experts,
+        expert_mesh=parallel.expert_fsdp_mesh if experts else None,
+    )  # fmt: skip
+
+
 def build_sharded_model(config: Config, parallel: ParallelState) -> nn.Module:
     """The model on this rank's device: experts ``Shard(0)`` over the ep mesh (MoE ports),
     then FSDP2 over dp x sp.
@@ -104,32 +134,14 @@ def build_sharded_model(config: Config, parallel: ParallelState) -> nn.Module:
     pretrained = has_weights(config.model.path)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model.path, config.model.attn_implementation, meta=pretrained)
-    hooks = port_hooks(model.config.model_type)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(model, config.train.ac_every)
     if not pretrained:
         model.to(parallel.device)
-    experts = []
-    if hooks.expert_plan is not None:
-        hooks.expert_plan.apply(model, parallel.ep_mesh)
-        experts = hooks.expert_modules(model)
-    elif config.parallel.ep_size > 1:
-        raise ConfigError(
-            f"parallel.ep_size={config.parallel.ep_size}, but {model.config.model_type} has no "
-            "Loom port with experts to spread; use ep_size 1"
-        )
-    apply_fsdp(
-        model,
-        decoder_layers(model),
-        parallel.fsdp_mesh,
-        mixed_precision(parallel.device),
-        reshard_after_forward=config.parallel.reshard_after_forward,
-        cpu_offload=config.parallel.cpu_offload,
-        experts=experts,
-        expert_mesh=parallel.expert_fsdp_mesh if experts else None,
-    )
+    shard_model(model, parallel, config.parallel.reshard_after_forward, config.parallel.cpu_offload)
     if pretrained:
         materialize(model, parallel.device, init=recompute_buffers)
+        hooks = port_hooks(model.config.model_type)
         converter = hooks.converter(model.config) if hooks.converter else None
         load_safetensors(model, config.model.path, converter)
     return model
