@@ -37,8 +37,8 @@ def compile_kernel(fn, dtype: str, floats=(), fp32_pointers=(), i64_pointers=(),
 def main() -> None:
     for dtype in ("fp32", "bf16"):
         norm = {"floats": ("eps", "offset"), "fp32_pointers": ("rstd_ptr", "dw_partial_ptr")}
-        compile_kernel(rms._rms_norm_fwd_kernel, dtype, **norm, BLOCK=4096)
-        compile_kernel(rms._rms_norm_bwd_kernel, dtype, **norm, BLOCK=4096)
+        compile_kernel(rms._rms_norm_fwd_kernel, dtype, **norm, BLOCK_ROWS=32, BLOCK_COLS=128)
+        compile_kernel(rms._rms_norm_bwd_kernel, dtype, **norm, BLOCK_ROWS=1, BLOCK_COLS=4096)
         for softcap in (False, True):
             compile_kernel(
                 ce._ce_loss_grad_kernel, dtype,

@@ -93,22 +93,51 @@ def test_rms_norm_swiglu_rotary_large(assert_close):
         assert_close(got, want, BF16)
 
 
-def test_fused_moe_large(assert_close):
+def test_fused_moe_large():
+    """The grouped-GEMM path against an fp64 truth, held to the accuracy of HF's bf16 loop.
+
+    Elementwise closeness to the bf16 loop is the wrong yardstick at this size: the
+    routing-weight gradient is a 1024-long dot product of bf16-rounded expert outputs,
+    and both bf16 paths miss the fp64 value by up to ~0.3 (relative norm error ~4e-3, as
+    bf16 gives), so the loop itself fails atol=0.04 against fp64 where values are near 0.
+    A wrong expert, offset or empty-group gradient still shows as an error of order 1.
+    """
     tokens, hidden, inter, experts, top_k = 2048, 1024, 512, 64, 8
     torch.manual_seed(0)
     scores = torch.rand(tokens, experts, device="cuda")
+    scores[:, 5] = -1.0  # expert 5 gets no tokens: an empty group in every grouped GEMM
     routing_weights, selected = scores.topk(top_k, dim=-1)
     routing_weights = routing_weights.softmax(-1).requires_grad_(True)
     x = _leaf(tokens, hidden)
     gate_up = _leaf(experts, 2 * inter, hidden, scale=hidden**-0.5)
     down = _leaf(experts, hidden, inter, scale=inter**-0.5)
     args = (x, routing_weights, selected, gate_up, down)
+    args64 = [
+        t.detach().double().requires_grad_(True) if t.is_floating_point() else t for t in args
+    ]
 
-    def run(fn):
-        out = fn(*args)
+    def run(fn, inputs):
+        out = fn(*inputs)
         torch.manual_seed(1)
-        dout = torch.randn(out.shape, device="cuda").to(BF16)
-        return (out, *torch.autograd.grad(out, (x, routing_weights, gate_up, down), dout))
+        dout = torch.randn(out.shape, device="cuda").to(BF16).to(out.dtype)
+        return (out, *torch.autograd.grad(out, [t for t in inputs if t.requires_grad], dout))
 
-    for got, want in zip(run(fused_moe_forward), run(fused_moe_reference), strict=True):
-        assert_close(got, want, BF16, scale=2.0)
+    fused, loop = run(fused_moe_forward, args), run(fused_moe_reference, args)
+    exact = run(fused_moe_reference, args64)
+    names = ("out", "d_hidden", "d_routing_weights", "d_gate_up_proj", "d_down_proj")
+    for name, got, bf16_loop, want in zip(names, fused, loop, exact, strict=True):
+        assert got.dtype == bf16_loop.dtype, name
+        err, loop_err = _rel_err(got, want), _rel_err(bf16_loop, want)
+        assert err < 1e-2, f"{name}: relative error {err:.2e} against fp64"
+        assert err <= 1.25 * loop_err, f"{name}: {err:.2e} vs the bf16 loop's {loop_err:.2e}"
+        worst, loop_worst = _max_err(got, want), _max_err(bf16_loop, want)
+        assert worst <= 2 * loop_worst, f"{name}: max error {worst} vs the loop's {loop_worst}"
+    assert not fused[3][5].any() and not fused[4][5].any(), "empty expert got a gradient"
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def _max_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return (got.double() - want).abs().max().item()

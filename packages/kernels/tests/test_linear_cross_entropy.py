@@ -4,6 +4,8 @@ import torch.nn.functional as F
 
 from loom.kernels import dispatch
 from loom.kernels.linear_cross_entropy import (
+    MIN_CHUNK_TOKENS,
+    _default_chunk_size,
     fused_linear_cross_entropy,
     linear_cross_entropy_reference,
 )
@@ -87,6 +89,19 @@ def test_chunks_bound_the_logits(triton_spy, triton_device):
     whole = _loss_and_grads(fused_linear_cross_entropy, h, w, labels, chunk_size=64)
     for a, b in zip(chunked, whole, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_default_chunk_follows_the_memory_budget():
+    qwen3_lm_head = torch.empty(151936, 2048, dtype=torch.bfloat16, device="meta")
+    # 4096 tokens: their bf16 logits are no larger than the fp32 [vocab, hidden] buffer
+    # that several chunks would accumulate d weight into, so one chunk.
+    assert _default_chunk_size(4096, 2048, qwen3_lm_head, needs_dw=True) == 4096
+    # Beyond that, about 1 GiB of logits: 2048 tokens (622 MB), a power of two.
+    assert _default_chunk_size(16384, 2048, qwen3_lm_head, needs_dw=True) == 2048
+    assert _default_chunk_size(4096, 2048, qwen3_lm_head, needs_dw=False) == 2048
+    assert _default_chunk_size(1500, 2048, qwen3_lm_head, needs_dw=False) == 1500
+    huge_vocab = torch.empty(2**22, 64, dtype=torch.float32, device="meta")
+    assert _default_chunk_size(10_000, 64, huge_vocab, needs_dw=True) == MIN_CHUNK_TOKENS
 
 
 def test_grad_output_scales_and_no_grad(triton_device):

@@ -4,7 +4,9 @@ import torch
 from loom.kernels import dispatch
 from loom.kernels.rms_norm import rms_norm, rms_norm_reference
 
-SHAPES = [(1, 16), (7, 48), (2, 5, 33)]  # one token; non-power-of-two hidden sizes
+# One token; non-power-of-two hidden sizes; more rows than one tile holds (64 rows of 40
+# at the 4096-element tile), so the backward's programs walk several tiles each.
+SHAPES = [(1, 16), (7, 48), (2, 5, 33), (300, 40)]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -69,3 +71,22 @@ def test_env_forces_reference(monkeypatch):
 def test_shape_mismatch_names_the_tensor():
     with pytest.raises(ValueError, match="weight must be"):
         rms_norm(torch.randn(2, 8), torch.ones(7))
+
+
+@pytest.mark.parametrize("layout", ["row_slice", "transposed"])
+def test_strided_input(triton_device, assert_close, layout):
+    """Rows with a stride (a view into wider rows) and a layout that must be copied."""
+    torch.manual_seed(0)
+    if layout == "row_slice":
+        x = torch.randn(9, 80, device=triton_device)[:, :40]
+    else:
+        x = torch.randn(3, 40, 5, device=triton_device).transpose(1, 2)
+    x.requires_grad_(True)
+    w = torch.randn(40, device=triton_device, requires_grad=True)
+    torch.manual_seed(1)
+    got = _fwd_bwd(rms_norm, x, w, 0.0)
+    torch.manual_seed(1)
+    want = _fwd_bwd(rms_norm_reference, x, w, 0.0)
+    for g, r in zip(got, want, strict=True):
+        assert g.shape == r.shape
+        assert_close(g, r, torch.float32)

@@ -5,6 +5,8 @@ _rms_norm_triton.py."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -87,21 +89,29 @@ def rotary(
     Returns new q and k with the same layout as the inputs (empty_like)."""
     seq_axis = 3 - head_axis
     batch, seq_len, head_dim = q.shape[0], q.shape[seq_axis], q.shape[-1]
-    half = cos.shape[-1] // 2
+    n_q_heads, n_k_heads, half = q.shape[head_axis], k.shape[head_axis], cos.shape[-1] // 2
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-
-    def strides(t):  # (batch, seq, head)
-        return (t.stride(0), t.stride(seq_axis), t.stride(head_axis))
-
-    cos_strides = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1))
+    q_s, k_s, qo_s, ko_s = q.stride(), k.stride(), q_out.stride(), k_out.stride()
+    block_q, block_k, block_half, block_pass = _blocks(n_q_heads, n_k_heads, head_dim, half)
     _rotary_kernel[(batch * seq_len,)](
         q, k, q_out, k_out, cos, sin,
-        *strides(q), *strides(k), *strides(q_out), *strides(k_out), *cos_strides,
-        seq_len, q.shape[head_axis], k.shape[head_axis], head_dim, half,
-        BLOCK_Q_HEADS=triton.next_power_of_2(q.shape[head_axis]),
-        BLOCK_K_HEADS=triton.next_power_of_2(k.shape[head_axis]),
-        BLOCK_HALF=triton.next_power_of_2(half),
-        BLOCK_PASS=triton.next_power_of_2(head_dim - 2 * half) if head_dim > 2 * half else 0,
-        BACKWARD=backward,
+        q_s[0], q_s[seq_axis], q_s[head_axis], k_s[0], k_s[seq_axis], k_s[head_axis],
+        qo_s[0], qo_s[seq_axis], qo_s[head_axis], ko_s[0], ko_s[seq_axis], ko_s[head_axis],
+        cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
+        seq_len, n_q_heads, n_k_heads, head_dim, half,
+        BLOCK_Q_HEADS=block_q, BLOCK_K_HEADS=block_k, BLOCK_HALF=block_half,
+        BLOCK_PASS=block_pass, BACKWARD=backward,
     )  # fmt: skip
     return q_out, k_out
+
+
+@functools.cache
+def _blocks(n_q_heads: int, n_k_heads: int, head_dim: int, half: int) -> tuple[int, ...]:
+    """(BLOCK_Q_HEADS, BLOCK_K_HEADS, BLOCK_HALF, BLOCK_PASS) for one head layout."""
+    rest = head_dim - 2 * half
+    return (
+        triton.next_power_of_2(n_q_heads),
+        triton.next_power_of_2(n_k_heads),
+        triton.next_power_of_2(half),
+        triton.next_power_of_2(rest) if rest > 0 else 0,
+    )

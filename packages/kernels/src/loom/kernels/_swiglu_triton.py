@@ -1,12 +1,14 @@
-"""Triton kernels for SwiGLU over [rows, cols] views (unit last stride, any row stride, so
-the two halves of a fused gate_up projection need no copy). Imported lazily; see
-_rms_norm_triton.py."""
+"""Triton kernels for SwiGLU over evenly strided rows (unit last stride, any row stride, so
+the two halves of a fused gate_up projection need no copy; see _launch.as_rows).
+Imported lazily; see _rms_norm_triton.py."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from loom.kernels._launch import as_rows
 
 BLOCK = 1024
 
@@ -47,12 +49,13 @@ def _swiglu_bwd_kernel(
 
 
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """gate, up: [rows, cols] -> silu(gate) * up, contiguous [rows, cols]."""
-    n_rows, n_cols = gate.shape
+    """gate, up: [..., cols] -> silu(gate) * up, contiguous with gate's shape."""
+    (gate_rows, stride_gate), (up_rows, stride_up) = as_rows(gate), as_rows(up)
+    n_cols = gate.shape[-1]
+    n_rows = gate.numel() // n_cols if n_cols else 0
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    grid = (n_rows, triton.cdiv(n_cols, BLOCK))
-    _swiglu_fwd_kernel[grid](
-        gate, up, out, gate.stride(0), up.stride(0), out.stride(0), n_cols, BLOCK=BLOCK
+    _swiglu_fwd_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](
+        gate_rows, up_rows, out, stride_gate, stride_up, n_cols, n_cols, BLOCK=BLOCK
     )
     return out
 
@@ -60,14 +63,16 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def swiglu_backward(
     dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (dgate, dup), contiguous [rows, cols]."""
-    n_rows, n_cols = gate.shape
+    """-> (dgate, dup), contiguous with gate's shape."""
+    (dout_rows, stride_dout), (gate_rows, stride_gate) = as_rows(dout), as_rows(gate)
+    up_rows, stride_up = as_rows(up)
+    n_cols = gate.shape[-1]
+    n_rows = gate.numel() // n_cols if n_cols else 0
     dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
-    grid = (n_rows, triton.cdiv(n_cols, BLOCK))
-    _swiglu_bwd_kernel[grid](
-        dout, gate, up, dgate, dup,
-        dout.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0), n_cols,
+    _swiglu_bwd_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](
+        dout_rows, gate_rows, up_rows, dgate, dup,
+        stride_dout, stride_gate, stride_up, n_cols, n_cols, n_cols,
         BLOCK=BLOCK,
     )  # fmt: skip
     return dgate, dup

@@ -79,6 +79,11 @@ def _triton_blocker(tensors: tuple[torch.Tensor, ...]) -> str | None:
 
 def choose_backend(*tensors: torch.Tensor, backend: str | None = None) -> Backend:
     """Pick ``"triton"`` or ``"torch"`` for an op over ``tensors`` (see the module doc)."""
+    # Every op call in a training step asks this: answer the usual case (no override,
+    # CUDA tensors) before any validation or message building.
+    usual = backend is None and BACKEND_ENV not in os.environ and triton_available()
+    if usual and all(t.is_cuda for t in tensors):
+        return "triton"
     requested = _requested(backend, _TRITON_CHOICES)
     if requested == "torch":
         return "torch"

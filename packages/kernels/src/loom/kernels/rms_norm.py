@@ -22,7 +22,8 @@ def rms_norm(
     backend: str | None = None,
 ) -> torch.Tensor:
     """RMSNorm over the last dim. x: [..., hidden]; weight: [hidden] -> [..., hidden]."""
-    _check_inputs(x, weight)
+    if weight.dim() != 1 or x.shape[-1] != weight.shape[0] or x.device != weight.device:
+        _raise_bad_inputs(x, weight)
     if choose_backend(x, weight, backend=backend) == "torch":
         return rms_norm_reference(x, weight, eps, offset=offset)
     return _RMSNormFunction.apply(x, weight, eps, offset)
@@ -37,20 +38,13 @@ def rms_norm_reference(
     return (x32 * rstd * (offset + weight.float())).to(x.dtype)
 
 
-def _check_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
+def _raise_bad_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(
             f"rms_norm: weight must be [hidden] matching x's last dim; got x {tuple(x.shape)} "
             f"and weight {tuple(weight.shape)}"
         )
-    if x.device != weight.device:
-        raise ValueError(f"rms_norm: x is on {x.device} but weight is on {weight.device}")
-
-
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., hidden] -> [rows, hidden] with a unit last stride (a view when possible)."""
-    rows = t.reshape(-1, t.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
+    raise ValueError(f"rms_norm: x is on {x.device} but weight is on {weight.device}")
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -58,16 +52,15 @@ class _RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, eps, offset):
         from loom.kernels import _rms_norm_triton as kernels
 
-        x_rows = _as_rows(x)
-        y, rstd = kernels.rms_norm_forward(x_rows, weight, eps, offset)
-        ctx.save_for_backward(x_rows, weight, rstd)
+        y, rstd = kernels.rms_norm_forward(x, weight, eps, offset)
+        ctx.save_for_backward(x, weight, rstd)
         ctx.offset = offset
-        return y.view(x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         from loom.kernels import _rms_norm_triton as kernels
 
-        x_rows, weight, rstd = ctx.saved_tensors
-        dx, dw = kernels.rms_norm_backward(_as_rows(dy), x_rows, weight, rstd, ctx.offset)
-        return dx.view(dy.shape), dw, None, None
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = kernels.rms_norm_backward(dy, x, weight, rstd, ctx.offset)
+        return dx, dw, None, None

@@ -30,25 +30,17 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate.float()) * up.float()).to(gate.dtype)
 
 
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., cols] -> [rows, cols] with a unit last stride, a view when the layout allows."""
-    rows = t.reshape(-1, t.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
-
-
 class _SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         from loom.kernels import _swiglu_triton as kernels
 
-        gate_rows, up_rows = _as_rows(gate), _as_rows(up)
-        ctx.save_for_backward(gate_rows, up_rows)
-        return kernels.swiglu_forward(gate_rows, up_rows).view(gate.shape)
+        ctx.save_for_backward(gate, up)
+        return kernels.swiglu_forward(gate, up)
 
     @staticmethod
     def backward(ctx, dout):
         from loom.kernels import _swiglu_triton as kernels
 
-        gate_rows, up_rows = ctx.saved_tensors
-        dgate, dup = kernels.swiglu_backward(_as_rows(dout), gate_rows, up_rows)
-        return dgate.view(dout.shape), dup.view(dout.shape)
+        gate, up = ctx.saved_tensors
+        return kernels.swiglu_backward(dout, gate, up)
