@@ -115,7 +115,9 @@ def shard_model(
         decoder_layers(model),
         parallel.fsdp_mesh,
         mixed_precision(parallel.device),
-        reshard_after_forward=reshard_after_forward,
+        # One rank holds whole parameters anyway: freeing them after forward only adds
+        # copies in backward.
+        reshard_after_forward=reshard_after_forward and parallel.fsdp_size > 1,
         cpu_offload=cpu_offload,
         experts=experts,
         expert_mesh=parallel.expert_fsdp_mesh if experts else None,
