@@ -110,9 +110,10 @@ def run_one(args) -> dict:
         getattr(liger, f"apply_liger_kernel_to_{model.config.model_type}")(model=model)
     if args.system != "loom" and args.ac:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    step = (
-        loom_step_fn(model, tokens, args.ac) if args.system == "loom" else hf_step_fn(model, tokens)
-    )
+    if args.system == "loom":
+        step = loom_step_fn(model, tokens, args.ac, args.accum)
+    else:
+        step = hf_step_fn(model, tokens, args.accum)
     times = []
     for i in range(args.warmup + args.steps):
         torch.cuda.synchronize()
