@@ -10,10 +10,8 @@ bf16 the fused kernels round once where upstream rounds twice.
 
 from __future__ import annotations
 
-from transformers.modeling_outputs import CausalLMOutputWithPast
-
 from loom.kernels import apply_rotary, swiglu
-from loom.models.loss import causal_lm_loss
+from loom.models.loss import causal_lm_output
 from loom.patchgen import PatchConfig, create_patch_from_external
 
 
@@ -59,7 +57,7 @@ def rotary_v4(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
 #    `shift_labels` (already aligned, as Loom's data pipeline gives them) or HF-style
 #    `labels`; `num_items_in_batch` divides the summed loss (Loom passes the global
 #    token count over the ranks that average gradients)
-# 2. logits are computed only without labels (generation, evaluation)
+#    (loom.models.loss.causal_lm_output); logits are computed only without labels
 # ================================================================
 def causal_lm_forward_v5(
     self,
@@ -90,29 +88,9 @@ def causal_lm_forward_v5(
         use_cache=use_cache,
         **kwargs,
     )
-    hidden_states = outputs.last_hidden_state
-    slice_indices = (
-        slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-    )
-    hidden_states = hidden_states[:, slice_indices, :]
-    loss, logits = None, None
     # --- Patch.1 ---
-    if labels is not None or shift_labels is not None:
-        loss = causal_lm_loss(
-            hidden_states, self.lm_head.weight, labels, shift_labels, num_items_in_batch
-        )
+    return causal_lm_output(self, outputs, labels, shift_labels, num_items_in_batch, logits_to_keep)
     # --- Patch.1 ---
-    # --- Patch.2 ---
-    else:
-        logits = self.lm_head(hidden_states)
-    # --- Patch.2 ---
-    return CausalLMOutputWithPast(
-        loss=loss,
-        logits=logits,
-        past_key_values=outputs.past_key_values,
-        hidden_states=outputs.hidden_states,
-        attentions=outputs.attentions,
-    )
 
 
 # ================================================================
@@ -122,7 +100,7 @@ def causal_lm_forward_v5(
 #    `shift_labels` (already aligned, as Loom's data pipeline gives them) or HF-style
 #    `labels`; `num_items_in_batch` divides the summed loss (Loom passes the global
 #    token count over the ranks that average gradients)
-# 2. logits are computed only without labels (generation, evaluation)
+#    (loom.models.loss.causal_lm_output); logits are computed only without labels
 # ================================================================
 def causal_lm_forward_v4(
     self,
@@ -155,29 +133,9 @@ def causal_lm_forward_v4(
         cache_position=cache_position,
         **kwargs,
     )
-    hidden_states = outputs.last_hidden_state
-    slice_indices = (
-        slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-    )
-    hidden_states = hidden_states[:, slice_indices, :]
-    loss, logits = None, None
     # --- Patch.1 ---
-    if labels is not None or shift_labels is not None:
-        loss = causal_lm_loss(
-            hidden_states, self.lm_head.weight, labels, shift_labels, num_items_in_batch
-        )
+    return causal_lm_output(self, outputs, labels, shift_labels, num_items_in_batch, logits_to_keep)
     # --- Patch.1 ---
-    # --- Patch.2 ---
-    else:
-        logits = self.lm_head(hidden_states)
-    # --- Patch.2 ---
-    return CausalLMOutputWithPast(
-        loss=loss,
-        logits=logits,
-        past_key_values=outputs.past_key_values,
-        hidden_states=outputs.hidden_states,
-        attentions=outputs.attentions,
-    )
 
 
 def dense_port(model: str, prefix: str, major: int) -> PatchConfig:
@@ -207,5 +165,5 @@ def dense_port(model: str, prefix: str, major: int) -> PatchConfig:
         description="fused linear cross-entropy; logits only without labels",
     )
     config.add_import("loom.kernels", names=["apply_rotary", "swiglu"])
-    config.add_import("loom.models.loss", names=["causal_lm_loss"])
+    config.add_import("loom.models.loss", names=["causal_lm_output"])
     return config

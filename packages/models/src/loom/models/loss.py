@@ -37,3 +37,26 @@ def causal_lm_loss(
     if num_items_in_batch is None:
         return total / (shift_labels != ignore_index).sum().clamp(min=1)
     return total / num_items_in_batch
+
+
+def causal_lm_output(model, outputs, labels, shift_labels, num_items_in_batch, logits_to_keep):
+    """The tail every dense port's ``ForCausalLM.forward`` shares: slice the hidden states
+    by ``logits_to_keep``, then the fused loss when there are labels, else the logits."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    hidden_states = outputs.last_hidden_state
+    keep = logits_to_keep
+    hidden_states = hidden_states[:, slice(-keep, None) if isinstance(keep, int) else keep, :]
+    loss, logits = None, None
+    if labels is not None or shift_labels is not None:
+        weight = model.lm_head.weight
+        loss = causal_lm_loss(hidden_states, weight, labels, shift_labels, num_items_in_batch)
+    else:
+        logits = model.lm_head(hidden_states)
+    return CausalLMOutputWithPast(
+        loss=loss,
+        logits=logits,
+        past_key_values=outputs.past_key_values,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+    )

@@ -64,7 +64,7 @@ from loom.models.layers import LoomRMSNorm as Qwen3RMSNorm
 
 # [PATCHED by loom.patchgen: added by the patch config]
 from loom.kernels import apply_rotary, swiglu
-from loom.models.loss import causal_lm_loss
+from loom.models.loss import causal_lm_output
 
 
 class Qwen3MLP(nn.Module):
@@ -447,7 +447,7 @@ class Qwen3ForCausalLM(Qwen3PreTrainedModel, GenerationMixin):
     #    `shift_labels` (already aligned, as Loom's data pipeline gives them) or HF-style
     #    `labels`; `num_items_in_batch` divides the summed loss (Loom passes the global
     #    token count over the ranks that average gradients)
-    # 2. logits are computed only without labels (generation, evaluation)
+    #    (loom.models.loss.causal_lm_output); logits are computed only without labels
     # ================================================================
     @can_return_tuple
     @auto_docstring
@@ -480,25 +480,9 @@ class Qwen3ForCausalLM(Qwen3PreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        hidden_states = hidden_states[:, slice_indices, :]
-        loss, logits = None, None
         # --- Patch.1 ---
-        if labels is not None or shift_labels is not None:
-            loss = causal_lm_loss(hidden_states, self.lm_head.weight, labels, shift_labels, num_items_in_batch)
+        return causal_lm_output(self, outputs, labels, shift_labels, num_items_in_batch, logits_to_keep)
         # --- Patch.1 ---
-        # --- Patch.2 ---
-        else:
-            logits = self.lm_head(hidden_states)
-        # --- Patch.2 ---
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
 
 
 class Qwen3ForSequenceClassification(GenericForSequenceClassification, Qwen3PreTrainedModel):
