@@ -101,6 +101,11 @@ def shard_model(
     """A MoE port's experts ``Shard(0)`` over the ep mesh, then FSDP2 over dp x sp (and
     the experts over the expert mesh)."""
     hooks = port_hooks(model.config.model_type)
+    if parallel.sp_size > 1 and not getattr(model, "loom_port", False):
+        raise ConfigError(
+            f"parallel.sp_size={parallel.sp_size}, but {model.config.model_type} has no Loom "
+            "port: its layers are not known to keep tokens apart outside attention; use sp_size 1"
+        )
     experts = []
     if hooks.expert_plan is not None:
         hooks.expert_plan.apply(model, parallel.ep_mesh)
