@@ -11,6 +11,7 @@ import triton.language as tl
 from loom.kernels._launch import as_rows
 
 BLOCK = 1024
+Rows = tuple[torch.Tensor, int]  # as_rows' (tensor, row stride in elements)
 
 
 @triton.jit
@@ -61,18 +62,71 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_backward(
-    dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
+    dout: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    *,
+    overwrite_gate: bool = False,
+    overwrite_up: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (dgate, dup), contiguous with gate's shape."""
-    (dout_rows, stride_dout), (gate_rows, stride_gate) = as_rows(dout), as_rows(gate)
-    up_rows, stride_up = as_rows(up)
+    """-> (dgate, dup) with gate's shape.
+
+    ``overwrite_gate`` writes dgate over ``gate``'s memory and returns it (``overwrite_up``
+    likewise dup over ``up``), and bumps its autograd version counter, which Triton's
+    writes do not. Where the write could change an element that the kernel reads elsewhere
+    (inputs that share memory, rows that overlap), a new tensor is returned instead.
+    """
+    dout_rows, gate_rows, up_rows = as_rows(dout), as_rows(gate), as_rows(up)
     n_cols = gate.shape[-1]
     n_rows = gate.numel() // n_cols if n_cols else 0
-    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    dgate, dgate_rows, gate_overwritten = _gradient_buffer(
+        gate, gate_rows, overwrite_gate, (dout_rows, up_rows), n_rows
+    )
+    dup, dup_rows, up_overwritten = _gradient_buffer(
+        up, up_rows, overwrite_up, (dout_rows, gate_rows), n_rows
+    )
     _swiglu_bwd_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](
-        dout_rows, gate_rows, up_rows, dgate, dup,
-        stride_dout, stride_gate, stride_up, n_cols, n_cols, n_cols,
+        dout_rows[0], gate_rows[0], up_rows[0], dgate_rows[0], dup_rows[0],
+        dout_rows[1], gate_rows[1], up_rows[1], dgate_rows[1], dup_rows[1], n_cols,
         BLOCK=BLOCK,
     )  # fmt: skip
+    for t, overwritten in ((gate, gate_overwritten), (up, up_overwritten)):
+        if overwritten:  # one tensor per call: torch < 2.5 takes no list
+            torch.autograd.graph.increment_version(t)
     return dgate, dup
+
+
+def _gradient_buffer(
+    t: torch.Tensor, rows: Rows, overwrite: bool, others: tuple[Rows, ...], n_rows: int
+) -> tuple[torch.Tensor, Rows, bool]:
+    """Where the kernel writes t's gradient: (gradient, its rows, whether t was overwritten).
+
+    ``rows`` is ``as_rows(t)``; ``others`` the other operands. Each program reads its
+    elements before writing them, so writing over ``rows`` is safe when its rows do not
+    overlap (a stride-0 expand does) and no other operand holds any of its elements.
+    """
+    n_cols = t.shape[-1]
+    overlapping_rows = n_rows > 1 and rows[1] < n_cols
+    if not overwrite or overlapping_rows or any(_share(rows, o, n_rows, n_cols) for o in others):
+        new = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        return new, (new, n_cols), False
+    if rows[0].untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+        return rows[0].view(t.shape), rows, False  # as_rows copied t: the copy is ours
+    return t.detach(), rows, True
+
+
+def _share(a: Rows, b: Rows, n_rows: int, n_cols: int) -> bool:
+    """Whether two [n_rows, n_cols] row layouts with unit column stride share an element."""
+    (a_tensor, stride), (b_tensor, b_stride) = a, b
+    if a_tensor.untyped_storage().data_ptr() != b_tensor.untyped_storage().data_ptr():
+        return False
+    shift = b_tensor.storage_offset() - a_tensor.storage_offset()
+    if n_rows <= 1:
+        return abs(shift) < n_cols
+    if stride != b_stride or stride < n_cols:
+        return True  # no caller passes these; not worth the arithmetic
+    # a[r, c] is b[r', c'] where shift = (r - r') * stride + (c - c'); only the row
+    # differences k nearest shift / stride can leave |c - c'| < n_cols.
+    nearest = shift // stride
+    row_differences = {min(max(k, 1 - n_rows), n_rows - 1) for k in (nearest, nearest + 1)}
+    return any(abs(shift - k * stride) < n_cols for k in row_differences)
