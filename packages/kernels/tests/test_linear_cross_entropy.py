@@ -4,14 +4,21 @@ import torch.nn.functional as F
 
 from loom.kernels import dispatch
 from loom.kernels.linear_cross_entropy import (
-    MIN_CHUNK_TOKENS,
-    _default_chunk_size,
     fused_linear_cross_entropy,
     linear_cross_entropy_reference,
+    plan_chunks,
 )
 
 TRITON_MODULE = "loom.kernels._linear_cross_entropy_triton"
 LAUNCHER = "cross_entropy_loss_and_grad"
+BLOCK_LAUNCHER = "cross_entropy_grad_block"
+# One pass (the whole batch is one chunk) and two (token chunks for the loss and d hidden,
+# vocabulary blocks for d weight), forced small so that both have several pieces, the
+# last one partial.
+PASSES = {
+    "one": lambda vocab: {},
+    "two": lambda vocab: {"chunk_size": 3, "vocab_block": vocab // 3 + 1},
+}
 # (tokens, hidden, vocab): a single token; odd sizes with a vocab that is not a power of
 # two; a batch dim in front; a vocab spanning two kernel blocks, the second partial.
 SHAPES = [((1,), 16, 32), ((37,), 24, 100), ((2, 24), 64, 128), ((4,), 16, 16384 + 37)]
@@ -42,17 +49,23 @@ def _loss_and_grads(fn, h, w, labels, **kwargs):
     return (loss, *torch.autograd.grad(loss, (h, w)))
 
 
+@pytest.mark.parametrize("passes", list(PASSES))
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_triton_matches_reference(triton_spy, triton_device, assert_close, shape, dtype, option):
-    calls = triton_spy(TRITON_MODULE, LAUNCHER)
+def test_triton_matches_reference(
+    triton_spy, triton_device, assert_close, shape, dtype, option, passes
+):
+    calls = triton_spy(TRITON_MODULE, LAUNCHER, BLOCK_LAUNCHER)
     h, w, labels = _inputs(*shape, dtype, triton_device)
     assert dispatch.choose_backend(h, w, labels) == "triton"
     kwargs = OPTIONS[option]
-    got = _loss_and_grads(fused_linear_cross_entropy, h, w, labels, **kwargs)
+    split = PASSES[passes](shape[2])
+    got = _loss_and_grads(fused_linear_cross_entropy, h, w, labels, **kwargs, **split)
     want = _loss_and_grads(linear_cross_entropy_reference, h, w, labels, **kwargs)
-    assert calls and {name for name, _ in calls} == {LAUNCHER}
+    launched = {name for name, _ in calls}
+    two_pass = labels.numel() > 3 and passes == "two"
+    assert launched == ({LAUNCHER, BLOCK_LAUNCHER} if two_pass else {LAUNCHER})
     for g, r, name in zip(got, want, ("loss", "d_hidden", "d_weight"), strict=True):
         assert g.dtype == r.dtype, name
         assert_close(g, r, dtype)
@@ -80,28 +93,53 @@ def test_all_labels_ignored(triton_device):
         assert not dh.any() and not dw.any()
 
 
-def test_chunks_bound_the_logits(triton_spy, triton_device):
-    """The kernel only ever sees [chunk, vocab] logits; chunking does not change the result."""
-    calls = triton_spy(TRITON_MODULE, LAUNCHER)
+def test_chunks_and_blocks_bound_the_logits(triton_spy, triton_device):
+    """The kernels only ever see [chunk, vocab] or [tokens, block] logits; the result does
+    not depend on the split."""
+    calls = triton_spy(TRITON_MODULE, LAUNCHER, BLOCK_LAUNCHER)
     h, w, labels = _inputs((50,), 16, 64, torch.float32, triton_device)
-    chunked = _loss_and_grads(fused_linear_cross_entropy, h, w, labels, chunk_size=16)
-    assert [tuple(args[0].shape) for _, args in calls] == [(16, 64)] * 3 + [(2, 64)]
+    split = _loss_and_grads(fused_linear_cross_entropy, h, w, labels, chunk_size=16, vocab_block=40)
+    shapes = [(name, tuple(args[0].shape)) for name, args in calls]
+    chunks = [(LAUNCHER, (16, 64))] * 3 + [(LAUNCHER, (2, 64))]
+    assert shapes == [*chunks, (BLOCK_LAUNCHER, (50, 40)), (BLOCK_LAUNCHER, (50, 24))]
     whole = _loss_and_grads(fused_linear_cross_entropy, h, w, labels, chunk_size=64)
-    for a, b in zip(chunked, whole, strict=True):
+    assert len(calls) == 7  # one more launch: a single chunk, no weight pass
+    for a, b in zip(split, whole, strict=True):
         torch.testing.assert_close(a, b)
 
 
-def test_default_chunk_follows_the_memory_budget():
+def test_default_plan_holds_about_the_hidden_states():
     qwen3_lm_head = torch.empty(151936, 2048, dtype=torch.bfloat16, device="meta")
-    # 4096 tokens: their bf16 logits are no larger than the fp32 [vocab, hidden] buffer
-    # that several chunks would accumulate d weight into, so one chunk.
-    assert _default_chunk_size(4096, 2048, qwen3_lm_head, needs_dw=True) == 4096
-    # Beyond that, about 1 GiB of logits: 2048 tokens (622 MB), a power of two.
-    assert _default_chunk_size(16384, 2048, qwen3_lm_head, needs_dw=True) == 2048
-    assert _default_chunk_size(4096, 2048, qwen3_lm_head, needs_dw=False) == 2048
-    assert _default_chunk_size(1500, 2048, qwen3_lm_head, needs_dw=False) == 1500
+    # 16k tokens: hidden is 64 MiB, so chunks of 192 tokens (55.7 MiB of logits, a
+    # multiple of 64) and blocks of 2048 vocabulary rows (64 MiB).
+    assert plan_chunks(16384, 2048, qwen3_lm_head) == (192, 2048)
+    # Fewer tokens: the floor of MIN_BUFFER_BYTES (64 MiB) still holds.
+    assert plan_chunks(1024, 2048, qwen3_lm_head) == (192, 32768)
+    # Logits that fit the budget (8 MB of MIN_BUFFER_BYTES): one chunk, one pass.
+    small_vocab = torch.empty(1000, 2048, dtype=torch.bfloat16, device="meta")
+    assert plan_chunks(4096, 2048, small_vocab)[0] == 4096
+    # Never fewer than 64 rows, never more than there are.
     huge_vocab = torch.empty(2**22, 64, dtype=torch.float32, device="meta")
-    assert _default_chunk_size(10_000, 64, huge_vocab, needs_dw=True) == MIN_CHUNK_TOKENS
+    assert plan_chunks(10_000, 64, huge_vocab) == (64, 1664)
+    assert plan_chunks(30, 64, huge_vocab)[0] == 30
+    assert plan_chunks(16384, 2048, qwen3_lm_head, chunk_size=5, vocab_block=7) == (5, 7)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("passes", list(PASSES))
+def test_logits_on_request(triton_device, softcap, passes):
+    h, w, labels = _inputs((2, 9), 16, 40, torch.float32, triton_device)
+    loss, logits = fused_linear_cross_entropy(
+        h, w, labels, softcap=softcap, return_logits=True, **PASSES[passes](40)
+    )
+    want_loss, want_logits = linear_cross_entropy_reference(
+        h, w, labels, softcap=softcap, return_logits=True
+    )
+    assert logits.shape == (2, 9, 40) and not logits.requires_grad
+    torch.testing.assert_close(logits, want_logits)
+    torch.testing.assert_close(loss, want_loss)
+    loss.backward()  # the gradients are still there
+    torch.testing.assert_close(w.grad, torch.autograd.grad(want_loss, w)[0])
 
 
 def test_grad_output_scales_and_no_grad(triton_device):

@@ -1,20 +1,23 @@
 """Fused linear cross-entropy: ``cross_entropy(hidden @ weight.T, labels)`` without
 materialising the [tokens, vocab] logits in fp32, nor their gradient beside them.
 
-The fused path walks the tokens in chunks. For each chunk it computes the logits with
-one matmul, lets a Triton kernel turn them into per-row losses and, in place, into
-dloss/dlogits, and immediately folds those into the gradients of ``hidden`` and
-``weight`` (as Liger-Kernel does). Only a [chunk, vocab] buffer is ever alive; the
-backward just scales the stored gradients by the incoming one. With several chunks the
-weight gradient is accumulated over them in fp32.
+The gradients are computed in the forward (as Liger-Kernel does) and only scaled by the
+incoming gradient in the backward. Only a logits buffer of about the size of ``hidden``
+is ever alive, and every gradient element comes out of a single GEMM (fp32 inside
+cuBLAS, rounded once), as in the unfused op: no gradient is accumulated across chunks.
 
-Chunks are sized by memory (``_default_chunk_size``), not by ``hidden``: about
-``LOGITS_CHUNK_BYTES`` of logits, a power of two of tokens. Every chunk reads and
-writes the whole fp32 [vocab, hidden] weight gradient (2.4 GB for Qwen3's 151936 x
-2048 lm_head), so many small chunks make the op bound by that traffic and by small-M
-GEMMs (128-token chunks ran 8x slower than the unfused op on an H100). A batch whose
-logits are no larger than that fp32 buffer is a single chunk: the same peak, and no
-fp32 accumulation at all.
+- Loss pass, over chunks of tokens: the chunk's logits [chunk, V] with one matmul; a
+  Triton kernel writes each row's loss and logsumexp and turns the logits, in place,
+  into dloss/dlogits; ``d hidden`` of the chunk is one more matmul.
+- Weight pass, over blocks of vocabulary rows: the block's logits [tokens, block] are
+  computed again; a kernel turns them into dloss/dlogits from the stored logsumexp; the
+  block's rows of ``d weight`` are one matmul over all tokens.
+
+The weight pass costs a fourth GEMM. It replaces accumulating ``d weight`` over token
+chunks, which needs either an fp32 [V, H] buffer (2.4 GB for Qwen3's 151936 x 2048
+lm_head, and its traffic on every chunk) or a 16-bit one that rounds at every chunk
+(Liger's choice). A batch whose logits fit in the buffer budget is one chunk, and its
+``d weight`` comes from the same logits (three GEMMs).
 
 Reductions: ``"sum"`` is the default because Loom normalises by a token count gathered
 across SP/DP ranks; ``"mean"`` divides by ``num_items`` when given, else by the local
@@ -22,8 +25,6 @@ count of non-ignored labels (at least 1, so an all-ignored batch gives 0, not Na
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -42,30 +43,42 @@ def fused_linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    return_logits: bool = False,
     chunk_size: int | None = None,
+    vocab_block: int | None = None,
     backend: str | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``hidden @ weight.T`` against ``labels``; a 0-d fp32 tensor.
 
     hidden: [..., H]; weight: [V, H] (the lm_head); labels: [...] integer class ids or
     ``ignore_index``. ``z_loss`` adds ``z_loss * logsumexp(logits)**2`` per counted token;
     ``softcap`` applies ``softcap * tanh(logits / softcap)`` first (Gemma-2 style).
-    ``chunk_size`` tokens per chunk (default: ``LOGITS_CHUNK_BYTES`` of logits, see the
-    module doc).
+    ``return_logits=True`` returns ``(loss, logits)``, logits [..., V] in hidden's dtype
+    (softcapped when ``softcap`` is set) and without gradient: they cost the memory the
+    op otherwise saves, so ask only when you need them (metrics, evaluation).
+    ``chunk_size`` (tokens per chunk of the loss pass) and ``vocab_block`` (vocabulary
+    rows per block of the weight pass) default to a buffer budget (see ``plan_chunks``).
     """
     _check_inputs(hidden, weight, labels, reduction, softcap)
     options = (ignore_index, label_smoothing, z_loss, softcap)
     if choose_backend(hidden, weight, labels, backend=backend) == "torch":
         return linear_cross_entropy_reference(
             hidden, weight, labels, ignore_index=ignore_index, reduction=reduction,
-            num_items=num_items, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+            num_items=num_items, label_smoothing=label_smoothing, z_loss=z_loss,
+            softcap=softcap, return_logits=return_logits,
         )  # fmt: skip
     hidden_rows = hidden.reshape(-1, hidden.shape[-1])
     labels_flat = labels.reshape(-1).contiguous()
     divisor = _mean_divisor(labels_flat, reduction, num_items, ignore_index)
-    needs_dw = weight.requires_grad and torch.is_grad_enabled()
-    chunk = chunk_size or _default_chunk_size(*hidden_rows.shape, weight, needs_dw)
-    return _FusedLinearCrossEntropy.apply(hidden_rows, weight, labels_flat, divisor, chunk, options)
+    chunk, block = plan_chunks(*hidden_rows.shape, weight, chunk_size, vocab_block)
+    # Function.forward runs with grad mode off, and its needs_input_grad ignores grad mode.
+    wants = tuple(t.requires_grad and torch.is_grad_enabled() for t in (hidden, weight))
+    loss, logits = _FusedLinearCrossEntropy.apply(
+        hidden_rows, weight, labels_flat, divisor, (chunk, block), options, return_logits, wants
+    )
+    if return_logits:
+        return loss, logits.view(*hidden.shape[:-1], weight.shape[0])
+    return loss
 
 
 def linear_cross_entropy_reference(
@@ -79,20 +92,28 @@ def linear_cross_entropy_reference(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
-) -> torch.Tensor:
+    return_logits: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain torch: materialises the fp32 logits; autograd gives the backward."""
     _check_inputs(hidden, weight, labels, reduction, softcap)
     logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight.T).float()
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    labels = labels.reshape(-1)
+    flat_labels = labels.reshape(-1)
     losses = F.cross_entropy(
-        logits, labels, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
-    )
+        logits, flat_labels, ignore_index=ignore_index, reduction="none",
+        label_smoothing=label_smoothing,
+    )  # fmt: skip
     if z_loss:
-        losses = losses + z_loss * torch.logsumexp(logits, -1).pow(2) * (labels != ignore_index)
-    divisor = _mean_divisor(labels, reduction, num_items, ignore_index)
-    return losses.sum() if divisor is None else losses.sum() / divisor
+        losses = losses + z_loss * torch.logsumexp(logits, -1).pow(2) * (
+            flat_labels != ignore_index
+        )
+    divisor = _mean_divisor(flat_labels, reduction, num_items, ignore_index)
+    loss = losses.sum() if divisor is None else losses.sum() / divisor
+    if return_logits:
+        out = logits.detach().to(hidden.dtype).view(*hidden.shape[:-1], weight.shape[0])
+        return loss, out
+    return loss
 
 
 def _check_inputs(hidden, weight, labels, reduction, softcap) -> None:
@@ -128,63 +149,78 @@ def _mean_divisor(labels, reduction, num_items, ignore_index) -> torch.Tensor | 
     return (labels != ignore_index).sum().clamp(min=1)
 
 
-# About 1 GiB of logits per chunk: 2048 tokens for a 151936 vocab in bf16.
-LOGITS_CHUNK_BYTES = 1 << 30
-MIN_CHUNK_TOKENS = 256
+# The logits buffer is about the size of ``hidden`` (what Liger-Kernel's chunking also
+# holds), and at least this much, so that short batches still run large GEMMs.
+MIN_BUFFER_BYTES = 64 << 20
+# Chunks and blocks are multiples of this many rows: GEMM tiles stay whole.
+ROW_MULTIPLE = 64
 
 
-def _default_chunk_size(
-    n_tokens: int, hidden_size: int, weight: torch.Tensor, needs_dw: bool
-) -> int:
-    """Tokens per chunk: the largest power of two whose [chunk, vocab] logits fit in
-    ``LOGITS_CHUNK_BYTES`` (at least ``MIN_CHUNK_TOKENS``), never more than ``n_tokens``.
+def plan_chunks(
+    n_tokens: int,
+    hidden_size: int,
+    weight: torch.Tensor,
+    chunk_size: int | None = None,
+    vocab_block: int | None = None,
+) -> tuple[int, int]:
+    """(tokens per loss-pass chunk, vocabulary rows per weight-pass block).
 
-    One chunk for the whole batch when its logits are no larger than the fp32 weight
-    gradient that several chunks would accumulate into ([vocab, hidden] fp32): the peak
-    is then no higher, and the fp32 buffer's traffic (2.4 GB per chunk for Qwen3's
-    lm_head, about 1 ms on an H100) is gone.
+    Both buffers, [chunk, V] and [tokens, block], hold about ``max(bytes of hidden,
+    MIN_BUFFER_BYTES)``. A chunk of all the tokens means one pass: ``d weight`` comes
+    from the loss pass's logits, and the block size is unused.
     """
-    if needs_dw and n_tokens * weight.element_size() <= 4 * hidden_size:
-        return max(1, n_tokens)
-    rows = max(MIN_CHUNK_TOKENS, LOGITS_CHUNK_BYTES // (weight.shape[0] * weight.element_size()))
-    return max(1, min(1 << (rows.bit_length() - 1), n_tokens))
+    vocab, itemsize = weight.shape[0], weight.element_size()
+    budget = max(n_tokens * hidden_size * itemsize, MIN_BUFFER_BYTES)
+    if chunk_size is None:
+        fits = n_tokens * vocab * itemsize <= budget
+        chunk_size = n_tokens if fits else _rows_within(budget // (vocab * itemsize))
+    if vocab_block is None:
+        vocab_block = _rows_within(budget // max(1, n_tokens * itemsize))
+    return max(1, min(chunk_size, n_tokens)), max(1, min(vocab_block, vocab))
+
+
+def _rows_within(rows: int) -> int:
+    return max(ROW_MULTIPLE, rows // ROW_MULTIPLE * ROW_MULTIPLE)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, divisor, chunk, options):
-        from loom.kernels import _linear_cross_entropy_triton as kernels
-
-        want_dh, want_dw = ctx.needs_input_grad[:2]
-        n_tokens = hidden.shape[0]
+    def forward(ctx, hidden, weight, labels, divisor, sizes, options, return_logits, wants):
+        (chunk, block), (want_dh, want_dw) = sizes, wants
+        n_tokens, vocab = hidden.shape[0], weight.shape[0]
+        one_pass = chunk >= n_tokens
         dh = torch.empty_like(hidden) if want_dh else None
-        dw = None
+        dw = torch.zeros_like(weight) if want_dw and n_tokens == 0 else None
+        logits_out = hidden.new_empty(n_tokens, vocab) if return_logits else None
         row_losses = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(row_losses)
         for start in range(0, n_tokens, chunk):
-            h = hidden[start : start + chunk]
-            logits = h @ weight.T  # [chunk, V]; becomes dloss/dlogits in the kernel
-            kernels.cross_entropy_loss_and_grad(
-                logits, labels[start : start + chunk], row_losses[start : start + chunk], *options
+            rows = slice(start, start + chunk)
+            out = None if logits_out is None else logits_out[rows]
+            grad = _loss_pass_chunk(
+                hidden[rows], weight, labels[rows], row_losses[rows], lse[rows], options, out
             )
             if dh is not None:
-                torch.mm(logits, weight, out=dh[start : start + chunk])
-            if want_dw:  # one chunk: a single GEMM, rounded once, and no fp32 buffer
-                one_chunk = chunk >= n_tokens
-                dw = logits.T @ h if one_chunk else _accumulate_matmul(dw, logits.T, h)
-            del logits  # before the next chunk's matmul allocates its own
-        if want_dw and dw is None:  # no tokens at all
-            dw = torch.zeros_like(weight)
+                torch.mm(grad, weight, out=dh[rows])
+            if want_dw and one_pass:
+                dw = grad.T @ hidden
+            del grad  # before the next chunk's matmul allocates its own
+        if want_dw and dw is None:
+            dw = _weight_pass(hidden, weight, labels, lse, block, options)
         loss = row_losses.sum()
         if divisor is not None:
             loss = loss / divisor
-            for grad in (dh, dw):
-                if grad is not None:
-                    grad.div_(divisor)
-        ctx.grads = (dh, None if dw is None else dw.to(weight.dtype))
-        return loss
+            for g in (dh, dw):
+                if g is not None:
+                    g.div_(divisor)
+        ctx.grads = (dh, dw)
+        if logits_out is None:
+            return loss, None
+        ctx.mark_non_differentiable(logits_out)
+        return loss, logits_out
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_logits):
         if ctx.grads is None:
             raise RuntimeError(
                 "fused_linear_cross_entropy: backward ran twice over one forward; its gradients "
@@ -196,29 +232,35 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         for grad in (dh, dw):
             if grad is not None:
                 grad.mul_(grad_loss)
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
-def _accumulate_matmul(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """acc + a @ b in fp32 (a new fp32 tensor when acc is None); a, b may be 16-bit."""
-    if a.dtype == torch.float32:
-        return a @ b if acc is None else acc.addmm_(a, b)
-    if a.is_cuda and _fp32_out_gemm_works(a.device):
-        if acc is None:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    # Rounds each chunk's product to 16 bits once; the sum across chunks stays fp32.
-    product = (a @ b).float()
-    return product if acc is None else acc.add_(product)
+def _loss_pass_chunk(h, weight, labels, losses_out, lse_out, options, logits_out):
+    """A chunk's logits [chunk, V], turned in place into dloss/dlogits; fills the rows'
+    losses and logsumexps (and their logits, when asked)."""
+    from loom.kernels import _linear_cross_entropy_triton as kernels
+
+    logits = h @ weight.T
+    if logits_out is not None:
+        logits_out.copy_(logits)
+        softcap = options[-1]
+        if softcap is not None:
+            capped = softcap * torch.tanh(logits_out.float() / softcap)
+            logits_out.copy_(capped)
+    kernels.cross_entropy_loss_and_grad(logits, labels, losses_out, lse_out, *options)
+    return logits
 
 
-@functools.cache
-def _fp32_out_gemm_works(device: torch.device) -> bool:
-    """Whether this torch has cuBLAS's 16-bit-in, fp32-out mm/addmm (added in torch 2.9)."""
-    a = torch.ones(8, 8, dtype=torch.bfloat16, device=device)
-    try:
-        acc = torch.mm(a, a, out_dtype=torch.float32)
-        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
-    return acc.dtype == torch.float32 and bool((acc == 16).all())
+def _weight_pass(hidden, weight, labels, lse, block, options) -> torch.Tensor:
+    """d weight, ``block`` vocabulary rows at a time, each block one GEMM over all tokens."""
+    from loom.kernels import _linear_cross_entropy_triton as kernels
+
+    vocab = weight.shape[0]
+    dw = torch.empty_like(weight)
+    for start in range(0, vocab, block):
+        rows = slice(start, start + block)
+        grad = hidden @ weight[rows].T  # [tokens, block]
+        kernels.cross_entropy_grad_block(grad, start, vocab, labels, lse, *options)
+        torch.mm(grad.T, hidden, out=dw[rows])
+        del grad
+    return dw
