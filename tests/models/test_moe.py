@@ -25,8 +25,9 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from loom.models import build_model
+from loom.models.expert_plan import EXPERT_PLAN, expert_modules
+from loom.models.experts import StackedExperts
 from loom.models.qwen3_moe.converter import Qwen3MoeConverter, to_hf
-from loom.models.qwen3_moe.parallel_plan import EXPERT_PLAN, expert_modules
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "packages" / "core-dist" / "tests"))
@@ -85,7 +86,7 @@ def reference():
 def test_forward_backward_matches_upstream(reference, moe, upstream_experts):
     hf = reference if upstream_experts == "eager" else upstream(None)
     model = port(moe, hf.state_dict())
-    assert type(model.model.layers[0].mlp.experts).__name__ == "StackedExperts"
+    assert isinstance(model.model.layers[0].mlp.experts, StackedExperts)
     ids, _ = batch(0)
     want, want_norm = step(hf, ids, ids)  # HF-style labels, shifted inside
     got, got_norm = step(model, ids, ids)

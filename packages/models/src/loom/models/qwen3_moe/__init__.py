@@ -1,5 +1,5 @@
 """Qwen3-MoE port: upstream's modeling code with Loom's stacked experts (eager, fused,
-expert-parallel), kernels and loss (see generated/); ``parallel_plan.EXPERT_PLAN``
+expert-parallel), kernels and loss (see generated/); ``loom.models.expert_plan``
 shards the experts over the ``ep`` mesh; ``converter.Qwen3MoeConverter`` reads HF's
 per-expert checkpoints into the stacked layout and ``converter.to_hf`` writes them back.
 """
@@ -19,7 +19,7 @@ def qwen3_moe_class(architecture: str):
 
 @PORT_HOOKS_REGISTRY.register("qwen3_moe")
 def qwen3_moe_hooks() -> PortHooks:
+    from loom.models.expert_plan import EXPERT_PLAN, expert_modules
     from loom.models.qwen3_moe.converter import Qwen3MoeConverter, to_hf
-    from loom.models.qwen3_moe.parallel_plan import EXPERT_PLAN, expert_modules
 
     return PortHooks(EXPERT_PLAN, expert_modules, Qwen3MoeConverter.from_config, to_hf)

@@ -2,146 +2,21 @@
 
 Regenerate: loom-patchgen generate loom.models.qwen3_moe.patch_config --diff
 
-The dense parts take the dense ports' patches (fused RMSNorm, rotary, SwiGLU in the
-dense MLP of ``mlp_only_layers``); the routed experts become Loom's ``StackedExperts``
-(eager / fused / expert-parallel, same parameters as upstream, so upstream's
-``_init_weights`` branch on ``Qwen3MoeExperts`` initialises the stacked tensors); the
-causal-LM forward gets the fused cross-entropy and keeps the router's outputs.
+The MoE ports' patches (``loom.models.moe_patch_config``): fused RMSNorm and rotary,
+fused SwiGLU in the dense MLP of ``mlp_only_layers``, the routed experts as
+``Qwen3MoeStackedExperts`` (same parameters as upstream, so upstream's ``_init_weights``
+branch on ``Qwen3MoeExperts`` initialises them), the fused cross-entropy and the guarded
+aux loss in the causal-LM forward.
 """
 
 from __future__ import annotations
 
-import torch
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from loom.models.moe_patch_config import moe_port
 
-from loom.models.dense_patch_config import mlp_forward, rotary_v5
-from loom.models.loss import causal_lm_loss
-from loom.patchgen import PatchConfig, create_patch_from_external
-
-config = PatchConfig(
-    source_module="transformers.models.qwen3_moe.modeling_qwen3_moe",
-    target_file="patched_modeling_qwen3_moe.py",
+config = moe_port(
+    "qwen3_moe",
+    "Qwen3Moe",
+    experts="loom.models.qwen3_moe.experts:Qwen3MoeStackedExperts",
     description="Qwen3-MoE with Loom's stacked experts (eager/fused/EP), kernels and fused loss",
-    transformers_majors=(5,),
+    dense_mlp=True,
 )
-
-
-# ================================================================
-# Patch: Qwen3MoeForCausalLM.forward
-# 1. the loss is a fused linear cross-entropy over the (logits_to_keep-sliced) hidden
-#    states: the [tokens, vocab] logits are never materialised when there are labels.
-#    `shift_labels` (already aligned, as Loom's data pipeline gives them) or HF-style
-#    `labels`; `num_items_in_batch` divides the summed loss
-# 2. logits are computed only without labels (generation, evaluation)
-# 3. the load-balancing aux loss is added with its coefficient only when it is a
-#    tensor: upstream's helper returns the int 0 without router logits, and
-#    `0.to(...)` would raise; the sum is out of place
-# 4. `aux_loss_scale` weighs the aux term: Loom's trainer passes 1 / (micro-batches per
-#    rank), so a step's aux loss is the mean over all its micro-batches on all ranks,
-#    the same for a single process with accumulation and for data/expert parallelism
-# ================================================================
-def causal_lm_forward(
-    self,
-    input_ids=None,
-    attention_mask=None,
-    position_ids=None,
-    past_key_values=None,
-    inputs_embeds=None,
-    labels=None,
-    use_cache=None,
-    output_router_logits=None,
-    logits_to_keep=0,
-    **kwargs,
-):
-    r"""
-    labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-        Labels for computing the language modeling loss, shifted inside; -100 is ignored.
-    """
-    # --- Patch.1 ---
-    shift_labels = kwargs.pop("shift_labels", None)
-    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-    # --- Patch.1 ---
-    # --- Patch.4 ---
-    aux_loss_scale = kwargs.pop("aux_loss_scale", 1.0)
-    # --- Patch.4 ---
-    output_router_logits = (
-        output_router_logits
-        if output_router_logits is not None
-        else self.config.output_router_logits
-    )
-    outputs = self.model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=past_key_values,
-        inputs_embeds=inputs_embeds,
-        use_cache=use_cache,
-        output_router_logits=output_router_logits,
-        **kwargs,
-    )
-    hidden_states = outputs.last_hidden_state
-    slice_indices = (
-        slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-    )
-    hidden_states = hidden_states[:, slice_indices, :]
-    loss, logits = None, None
-    # --- Patch.1 ---
-    if labels is not None or shift_labels is not None:
-        loss = causal_lm_loss(
-            hidden_states, self.lm_head.weight, labels, shift_labels, num_items_in_batch
-        )
-    # --- Patch.1 ---
-    # --- Patch.2 ---
-    else:
-        logits = self.lm_head(hidden_states)
-    # --- Patch.2 ---
-    aux_loss = None
-    if output_router_logits:
-        aux_loss = load_balancing_loss_func(  # noqa: F821 (upstream's, in the generated module)
-            outputs.router_logits,
-            self.num_experts,
-            self.num_experts_per_tok,
-            attention_mask,
-        )
-        # --- Patch.3 ---
-        if not isinstance(aux_loss, torch.Tensor):
-            aux_loss = None
-        elif loss is not None:
-            # --- Patch.4 ---
-            scaled = aux_loss_scale * self.router_aux_loss_coef
-            # --- Patch.4 ---
-            loss = loss + scaled * aux_loss.to(loss.device)
-        # --- Patch.3 ---
-    return MoeCausalLMOutputWithPast(
-        loss=loss,
-        aux_loss=aux_loss,
-        logits=logits,
-        past_key_values=outputs.past_key_values,
-        hidden_states=outputs.hidden_states,
-        attentions=outputs.attentions,
-        router_logits=outputs.router_logits,
-    )
-
-
-config.replace_class(
-    "Qwen3MoeRMSNorm",
-    replacement=create_patch_from_external("loom.models.layers", "LoomRMSNorm"),
-    description="Loom's fused RMSNorm (fp32 inside, one rounding)",
-)
-config.replace_class(
-    "Qwen3MoeExperts",
-    replacement=create_patch_from_external("loom.models.qwen3_moe.experts", "StackedExperts"),
-    description="stacked experts: eager loop / fused grouped GEMM / expert-parallel "
-    "dispatch+combine; upstream's @use_experts_implementation rerouting is dropped",
-)
-config.override_method("Qwen3MoeMLP.forward", replacement=mlp_forward, description="fused SwiGLU")
-config.replace_function(
-    "apply_rotary_pos_emb", replacement=rotary_v5, description="fused rotary embedding of q and k"
-)
-config.override_method(
-    "Qwen3MoeForCausalLM.forward",
-    replacement=causal_lm_forward,
-    description="fused linear cross-entropy; logits only without labels; guarded aux loss",
-)
-config.add_import("loom.kernels", names=["apply_rotary", "swiglu"])
-config.add_import("loom.models.loss", names=["causal_lm_loss"])

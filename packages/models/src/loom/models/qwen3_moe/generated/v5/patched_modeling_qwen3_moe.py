@@ -5,7 +5,7 @@
 # Config: Qwen3-MoE with Loom's stacked experts (eager/fused/EP), kernels and fused loss
 # Changes against upstream:
 #   1. replace_class('Qwen3MoeRMSNorm'): Loom's fused RMSNorm (fp32 inside, one rounding) (imported from loom.models.layers.LoomRMSNorm)
-#   2. replace_class('Qwen3MoeExperts'): stacked experts: eager loop / fused grouped GEMM / expert-parallel dispatch+combine; upstream's @use_experts_implementation rerouting is dropped (imported from loom.models.qwen3_moe.experts.StackedExperts)
+#   2. replace_class('Qwen3MoeExperts'): stacked experts: eager loop / fused grouped GEMM / expert-parallel dispatch+combine; upstream's @use_experts_implementation rerouting is dropped (imported from loom.models.qwen3_moe.experts.Qwen3MoeStackedExperts)
 #   3. override_method('Qwen3MoeMLP.forward'): fused SwiGLU
 #   4. replace_function('apply_rotary_pos_emb'): fused rotary embedding of q and k
 #   5. override_method('Qwen3MoeForCausalLM.forward'): fused linear cross-entropy; logits only without labels; guarded aux loss
@@ -221,7 +221,7 @@ class Qwen3MoeMLP(nn.Module):
 
 
 # [PATCHED by loom.patchgen: stacked experts: eager loop / fused grouped GEMM / expert-parallel dispatch+combine; upstream's @use_experts_implementation rerouting is dropped]
-from loom.models.qwen3_moe.experts import StackedExperts as Qwen3MoeExperts
+from loom.models.qwen3_moe.experts import Qwen3MoeStackedExperts as Qwen3MoeExperts
 
 
 class Qwen3MoeTopKRouter(nn.Module):
@@ -562,7 +562,7 @@ class Qwen3MoeForCausalLM(Qwen3MoePreTrainedModel, GenerationMixin):
 
     # [PATCHED by loom.patchgen: fused linear cross-entropy; logits only without labels; guarded aux loss]
     # ================================================================
-    # Patch: Qwen3MoeForCausalLM.forward
+    # Patch: <Prefix>ForCausalLM.forward
     # 1. the loss is a fused linear cross-entropy over the (logits_to_keep-sliced) hidden
     #    states: the [tokens, vocab] logits are never materialised when there are labels.
     #    `shift_labels` (already aligned, as Loom's data pipeline gives them) or HF-style

@@ -1,11 +1,12 @@
-"""Expert parallelism for Qwen3-MoE: the stacked expert tensors ``Shard(0)`` over the
-``ep`` mesh (``ParallelState.ep_mesh``), so ep rank ``r`` holds experts
+"""Expert parallelism for the MoE ports: the stacked expert tensors ``Shard(0)`` over
+the ``ep`` mesh (``ParallelState.ep_mesh``), so ep rank ``r`` holds experts
 ``[r * E/ep, (r + 1) * E/ep)``, the ranges ``loom.dist.expert_parallel.dispatch``
 sends tokens to. Apply before FSDP (``apply_fsdp(..., experts=expert_modules(model),
 expert_mesh=ParallelState.expert_fsdp_mesh)``) and before loading weights.
 
-The names are those of transformers v5 (and of Loom's v5 port): ``gate_up_proj``
-``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]``.
+The names are those of transformers v5 (and of Loom's v5 ports), the same for every
+port that keeps upstream's ``model.layers[i].mlp.experts`` (qwen3_moe, mixtral):
+``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]``.
 """
 
 from __future__ import annotations
@@ -24,5 +25,6 @@ EXPERT_PLAN = ParallelPlan(
 
 
 def expert_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules holding the routed experts (FSDP shards them over the expert mesh)."""
+    """The modules holding the routed experts (FSDP shards them over the expert mesh);
+    dense layers (qwen3_moe's ``mlp_only_layers``) have none."""
     return [layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")]
