@@ -4,7 +4,9 @@
 
 Forward + backward of one call at LLM sizes, bf16: median milliseconds over CUDA
 events (after warm-up) and the peak memory the call adds. Liger has no fused MoE, so
-MoE compares Loom with HF's per-expert loop (the reference) only.
+MoE compares Loom with HF's per-expert loop (the reference), and Loom's two grouped-GEMM
+backends with each other: torch._grouped_mm (what auto picks on CUDA bf16) and the
+Triton kernel, in the whole MoE and in the experts' two GEMMs alone.
 """
 
 from __future__ import annotations
@@ -109,6 +111,24 @@ def cases(tokens: int):
     args = (x, weights, experts, gate_up, down)
     yield name, "reference", lambda: K.fused_moe_reference(*args)
     yield name, "loom", lambda: K.fused_moe_forward(*args)
+    yield name, "loom triton grouped_mm", lambda: K.fused_moe_forward(*args, backend="triton")
+    # The experts' GEMMs alone over the same routing: [tokens * 8, 2048] rows by expert.
+    expert_ids = torch.arange(64, device="cuda")
+    ends = torch.searchsorted(experts.reshape(-1).sort().values, expert_ids, right=True)
+    ends = ends.to(torch.int32)
+    rows = leaf(tokens * 8, 2048)
+    name = f"grouped_mm gate_up + swiglu + down [{tokens * 8}, 2048] 64 experts inter 768"
+    for backend in ("grouped_mm", "triton"):
+        yield (
+            name,
+            backend,
+            lambda b=backend: K.grouped_mm(
+                K.swiglu(*K.grouped_mm(rows, gate_up, ends, backend=b).chunk(2, dim=-1)),
+                down,
+                ends,
+                backend=b,
+            ),
+        )
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ from loom.kernels.moe import (
     fused_moe_forward,
     fused_moe_reference,
     grouped_mm,
+    grouped_mm_reference,
     permute_tokens,
     route_tokens,
     unpermute_tokens,
@@ -13,6 +14,8 @@ from loom.kernels.moe import (
 
 DTYPES = [torch.float32, torch.bfloat16]
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+GROUPED_MM_TRITON = "loom.kernels._grouped_mm_triton"
+GROUPED_MM_LAUNCHERS = ("grouped_matmul", "grouped_weight_grad")
 
 
 def _routing(tokens, experts, top_k, device, skip_expert=None):
@@ -118,13 +121,106 @@ def test_fused_moe_is_deterministic(triton_device):
         assert torch.equal(a, b)
 
 
-def test_grouped_mm_auto_choice():
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("group_ends", "in_features", "out_features"),
+    [
+        ([5, 5, 23, 40], 37, 45),  # expert 1 empty; K, N not multiples of any block
+        ([70, 70, 150, 150], 20, 70),  # experts of several row tiles; the last one empty
+        ([0, 29, 29], 16, 8),  # all rows in one expert
+        ([0, 1], 19, 3),  # a single row
+    ],
+    ids=["odd", "several_tiles", "one_expert", "one_row"],
+)
+def test_triton_grouped_mm_matches_loop(
+    triton_device, triton_spy, assert_close, dtype, group_ends, in_features, out_features
+):
+    """Forward, d x and d weight of the Triton grouped GEMM against the per-expert loop."""
+    calls = triton_spy(GROUPED_MM_TRITON, *GROUPED_MM_LAUNCHERS)
+    torch.manual_seed(0)
+    ends = torch.tensor(group_ends, dtype=torch.int32, device=triton_device)
+    rows, experts = group_ends[-1], len(group_ends)
+    x = torch.randn(rows, in_features, device=triton_device).to(dtype)
+    w = (torch.randn(experts, out_features, in_features, device=triton_device) / 4).to(dtype)
+    dout = torch.randn(rows, out_features, device=triton_device).to(dtype)
+
+    def run(fn, **kwargs):
+        leaves = (x.clone().requires_grad_(True), w.clone().requires_grad_(True))
+        out = fn(*leaves, ends, **kwargs)
+        return (out, *torch.autograd.grad(out, leaves, dout))
+
+    got = run(grouped_mm, backend="triton")
+    want = run(grouped_mm_reference)
+    assert [name for name, _ in calls] == [
+        "grouped_matmul",
+        "grouped_matmul",
+        "grouped_weight_grad",
+    ]
+    for g, r, name in zip(got, want, ("out", "d_x", "d_weight"), strict=True):
+        assert g.shape == r.shape and g.dtype == r.dtype, name
+        assert_close(g, r, dtype)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    assert torch.all(got[2][counts == 0] == 0)  # an expert without rows: zero gradient
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("tokens", "hidden", "inter", "experts", "top_k"),
+    [(1, 16, 8, 4, 2), (13, 24, 12, 5, 3)],
+    ids=["one_token", "odd"],
+)
+def test_fused_moe_through_triton_grouped_mm(
+    triton_device, triton_spy, assert_close, dtype, tokens, hidden, inter, experts, top_k
+):
+    """backend="triton": both expert GEMMs (and SwiGLU) through Triton, against HF's loop."""
+    calls = triton_spy(GROUPED_MM_TRITON, *GROUPED_MM_LAUNCHERS)
+    inputs, selected = _moe_inputs(tokens, hidden, inter, experts, top_k, dtype, triton_device)
+
+    def run(fn, **kwargs):
+        out = fn(inputs[0], inputs[1], selected, inputs[2], inputs[3], **kwargs)
+        torch.manual_seed(2)
+        dout = torch.randn(out.shape, device=out.device).to(dtype)
+        return (out, *torch.autograd.grad(out, inputs, dout))
+
+    got, want = run(fused_moe_forward, backend="triton"), run(fused_moe_reference)
+    # Two GEMMs forward; backward: d input and d weight of each.
+    assert sorted(name for name, _ in calls) == ["grouped_matmul"] * 4 + ["grouped_weight_grad"] * 2
+    names = ("out", "d_hidden", "d_routing_weights", "d_gate_up_proj", "d_down_proj")
+    for g, r, name in zip(got, want, names, strict=True):
+        assert g.dtype == r.dtype, name
+        assert_close(g, r, dtype, scale=2.0)
+
+
+def test_grouped_mm_auto_choice(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
     x, w = torch.randn(4, 16), torch.randn(2, 8, 16)
-    assert dispatch.choose_grouped_mm_backend(x, w) == "torch"  # not CUDA bf16
+    assert dispatch.choose_grouped_mm_backend(x, w) == "torch"  # not CUDA bf16, no Triton
     if HAS_GROUPED_MM:
         bad = torch.randn(4, 15)
         with pytest.raises(RuntimeError, match="multiples"):
             dispatch.choose_grouped_mm_backend(bad, torch.randn(2, 8, 15), backend="grouped_mm")
+    if dispatch.triton_available():
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            dispatch.choose_grouped_mm_backend(x, w, backend="triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert dispatch.choose_grouped_mm_backend(x, w) == "triton"  # Triton runs, on fp32
+        with pytest.raises(RuntimeError, match="one dtype"):
+            dispatch.choose_grouped_mm_backend(x, w.bfloat16(), backend="triton")
+        assert dispatch.choose_grouped_mm_backend(x, w.bfloat16()) == "torch"
+
+
+def test_grouped_mm_env_var(monkeypatch):
+    """$LOOM_KERNELS_BACKEND: "torch" forces the loop; "triton" leaves grouped GEMM on auto."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, w = torch.randn(4, 16), torch.randn(2, 8, 16)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    assert dispatch.choose_grouped_mm_backend(x, w) == "torch"  # auto: no raise on plain CPU
+    if dispatch.triton_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert dispatch.choose_grouped_mm_backend(x, w) == "triton"
+        monkeypatch.setenv(dispatch.BACKEND_ENV, "torch")
+        assert dispatch.choose_grouped_mm_backend(x, w) == "torch"
 
 
 def test_bad_expert_weights_are_named():

@@ -4,8 +4,11 @@ Triton runs when triton is importable and the tensors are on CUDA, or when
 ``TRITON_INTERPRET=1`` is set (Triton's interpreter, for CPU tests). Everything else
 runs the plain-torch reference. ``LOOM_KERNELS_BACKEND=torch`` (or ``backend="torch"``
 on any op) forces the reference; ``"triton"`` forces the kernel and fails loudly
-where it cannot run. Attention and grouped GEMM pick among library kernels by the
-same env var and argument; their rules live here too so there is one place to look.
+where it cannot run. Attention and grouped GEMM pick among library kernels (and, for
+grouped GEMM, a Triton kernel) by the same env var and argument; their rules live here
+too so there is one place to look. For them the env var's ``"triton"`` means auto: it
+forces the Triton-only ops without giving up a faster library kernel; only the
+``backend`` argument names one of their kernels.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ BACKEND_ENV = "LOOM_KERNELS_BACKEND"
 
 Backend = Literal["triton", "torch"]
 AttentionBackend = Literal["flash_attn", "varlen", "sdpa", "torch"]
-GroupedMMBackend = Literal["grouped_mm", "torch"]
+GroupedMMBackend = Literal["grouped_mm", "triton", "torch"]
 
 _TRITON_CHOICES = ("auto", "triton", "torch")
 _ATTENTION_CHOICES = ("auto", "flash_attn", "varlen", "sdpa", "torch")
-_GROUPED_MM_CHOICES = ("auto", "grouped_mm", "torch")
+_GROUPED_MM_CHOICES = ("auto", "grouped_mm", "triton", "torch")
 
 
 @functools.cache
@@ -52,7 +55,8 @@ def interpreter_enabled() -> bool:
 
 
 def _requested(backend: str | None, choices: tuple[str, ...]) -> str:
-    """The explicit argument, else the env var (whose "triton" means auto for library ops)."""
+    """The explicit argument, else the env var (whose "triton" means auto for library ops:
+    those whose choices are not exactly the Triton ones)."""
     if backend is not None:
         if backend not in choices:
             raise ValueError(f"loom.kernels: backend must be one of {choices}, got {backend!r}")
@@ -62,7 +66,7 @@ def _requested(backend: str | None, choices: tuple[str, ...]) -> str:
         raise ValueError(
             f"loom.kernels: ${BACKEND_ENV} must be one of {_TRITON_CHOICES}, got {env!r}"
         )
-    return env if env in choices else "auto"
+    return env if choices == _TRITON_CHOICES or env == "torch" else "auto"
 
 
 def _triton_blocker(tensors: tuple[torch.Tensor, ...]) -> str | None:
@@ -122,14 +126,24 @@ def choose_attention_backend(q: torch.Tensor, backend: str | None = None) -> Att
 def choose_grouped_mm_backend(
     x: torch.Tensor, weight: torch.Tensor, backend: str | None = None
 ) -> GroupedMMBackend:
-    """``torch._grouped_mm`` on CUDA bf16 with 16-byte aligned strides, else a per-expert loop."""
+    """Auto: ``torch._grouped_mm`` on CUDA bf16 with 16-byte aligned strides; else the
+    Triton grouped GEMM where Triton runs (the rule of ``choose_backend``) on fp32, bf16
+    or fp16 operands of one dtype; else a per-expert loop (``"torch"``, which syncs to
+    read the group sizes). An explicit choice that cannot run here raises.
+    """
     requested = _requested(backend, _GROUPED_MM_CHOICES)
     if requested == "torch":
         return "torch"
-    blocker = _grouped_mm_blocker(x, weight, require_cuda=requested == "auto")
-    if requested == "grouped_mm" and blocker is not None:
-        raise RuntimeError(f"loom.kernels: backend 'grouped_mm' was asked for but {blocker}")
-    return "grouped_mm" if blocker is None else "torch"
+    if requested in ("auto", "grouped_mm"):
+        blocker = _grouped_mm_blocker(x, weight, require_cuda=requested == "auto")
+        if blocker is None:
+            return "grouped_mm"
+        if requested == "grouped_mm":
+            raise RuntimeError(f"loom.kernels: backend 'grouped_mm' was asked for but {blocker}")
+    blocker = _grouped_mm_triton_blocker(x, weight)
+    if requested == "triton" and blocker is not None:
+        raise RuntimeError(f"loom.kernels: grouped_mm backend 'triton' was asked for but {blocker}")
+    return "triton" if blocker is None else "torch"
 
 
 def _grouped_mm_blocker(x: torch.Tensor, weight: torch.Tensor, require_cuda: bool) -> str | None:
@@ -143,4 +157,16 @@ def _grouped_mm_blocker(x: torch.Tensor, weight: torch.Tensor, require_cuda: boo
         return f"in/out features ({x.shape[-1]}, {weight.shape[-2]}) are not multiples of {elems}"
     if x.data_ptr() % 16 or weight.data_ptr() % 16:
         return "a tensor's storage is not 16-byte aligned"
+    return None
+
+
+def _grouped_mm_triton_blocker(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    blocker = _triton_blocker((x, weight))
+    if blocker is not None:
+        return blocker
+    if x.dtype != weight.dtype or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return (
+            "its kernel takes fp32, bf16 or fp16 operands of one dtype; got x "
+            f"{x.dtype} and weight {weight.dtype}"
+        )
     return None

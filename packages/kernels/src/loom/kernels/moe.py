@@ -5,9 +5,9 @@ Layouts follow transformers v5's fused experts: ``gate_up_proj`` is
 ``[experts, 2 * intermediate, hidden]`` (gate rows first, then up) and ``down_proj`` is
 ``[experts, hidden, intermediate]``, both applied as ``x @ w.T``. The grouped GEMM is
 ``torch._grouped_mm`` where dispatch.choose_grouped_mm_backend allows (CUDA bf16,
-aligned), else a loop over experts. Permute and unpermute are gathers with
-hand-written, deterministic backwards (no atomics: the same batch gives bitwise the same
-gradients, a Loom contract).
+aligned), else the Triton grouped GEMM (_grouped_mm_triton.py) where Triton runs, else a
+loop over experts. Permute, unpermute and the Triton GEMM's backward are deterministic
+(no atomics: the same batch gives bitwise the same gradients, a Loom contract).
 """
 
 from __future__ import annotations
@@ -72,7 +72,10 @@ def grouped_mm(
     backend: str | None = None,
 ) -> torch.Tensor:
     """Rows ``group_ends[e-1]:group_ends[e]`` of x [M, in] times ``weight[e].T``
-    (weight: [experts, out, in]) -> [M, out]. ``group_ends[-1]`` must equal M."""
+    (weight: [experts, out, in]) -> [M, out]. ``group_ends[-1]`` must equal M.
+
+    ``backend``: None (auto), ``"grouped_mm"`` (torch._grouped_mm), ``"triton"`` or
+    ``"torch"`` (the loop); see dispatch.choose_grouped_mm_backend."""
     if x.dim() != 2 or weight.dim() != 3 or x.shape[1] != weight.shape[2]:
         raise ValueError(
             f"grouped_mm: x must be [rows, in] and weight [experts, out, in]; got x "
@@ -83,8 +86,12 @@ def grouped_mm(
             f"grouped_mm: group_ends {tuple(group_ends.shape)} must have one entry per expert "
             f"({weight.shape[0]})"
         )
-    if choose_grouped_mm_backend(x, weight, backend=backend) == "grouped_mm":
+    choice = choose_grouped_mm_backend(x, weight, backend=backend)
+    if choice == "grouped_mm":
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=group_ends.to(torch.int32))
+    if choice == "triton":
+        offsets = group_ends.to(device=x.device, dtype=torch.int32)
+        return _GroupedMMFunction.apply(x, weight, offsets)
     return grouped_mm_reference(x, weight, group_ends)
 
 
@@ -112,11 +119,14 @@ def fused_moe_forward(
 
     hidden: [..., H]; routing_weights, selected_experts: [..., top_k];
     gate_up_proj: [E, 2I, H]; down_proj: [E, H, I]. Returns [..., H].
-    ``backend="torch"`` runs the loop GEMM and torch SwiGLU; None picks per op.
+    ``backend="torch"`` runs the loop GEMM and torch SwiGLU, ``"triton"`` the Triton
+    grouped GEMM and Triton SwiGLU (raising where they cannot run); None picks per op.
     """
     _check_moe_inputs(hidden, routing_weights, selected_experts, gate_up_proj, down_proj)
-    if backend not in (None, "torch"):
-        raise ValueError(f"fused_moe_forward: backend must be None or 'torch', got {backend!r}")
+    if backend not in (None, "torch", "triton"):
+        raise ValueError(
+            f"fused_moe_forward: backend must be None, 'torch' or 'triton', got {backend!r}"
+        )
     hidden_rows = hidden.reshape(-1, hidden.shape[-1])
     top_k = selected_experts.shape[-1]
     routing = route_tokens(selected_experts.reshape(-1, top_k), gate_up_proj.shape[0])
@@ -186,3 +196,27 @@ class _PermuteTokens(torch.autograd.Function):
         # Each token's top_k copies, gathered and summed in a fixed order (fp32 inside sum).
         per_slot = grad_out.index_select(0, inverse).view(-1, ctx.top_k, grad_out.shape[-1])
         return per_slot.sum(1), None, None, None
+
+
+class _GroupedMMFunction(torch.autograd.Function):
+    """The Triton grouped GEMM: out = x_e @ w[e].T per expert; dx = dout_e @ w[e];
+    dw[e] = dout_e.T @ x_e (each expert's rows reduced by one program per output tile)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, group_ends):
+        from loom.kernels import _grouped_mm_triton as kernels
+
+        ctx.save_for_backward(x, weight, group_ends)
+        return kernels.grouped_matmul(x, weight, group_ends, transposed=True)
+
+    @staticmethod
+    def backward(ctx, dout):
+        from loom.kernels import _grouped_mm_triton as kernels
+
+        x, weight, group_ends = ctx.saved_tensors
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = kernels.grouped_matmul(dout, weight, group_ends, transposed=False)
+        if ctx.needs_input_grad[1]:
+            dw = kernels.grouped_weight_grad(dout, x, group_ends, weight.dtype)
+        return dx, dw, None
