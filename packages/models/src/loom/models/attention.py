@@ -16,6 +16,10 @@ dense decoder layer mixes tokens.
 - ``loom_varlen``: always ``varlen_attention`` (flash-attn when installed,
   PyTorch's varlen kernel otherwise). Not named "..flash..": transformers takes any
   implementation name containing "flash" for a hub flash-attention kernel to load.
+
+Neither has a sliding window: a model that passes ``sliding_window`` (Mixtral, Qwen2's
+sliding layers) is refused when a sample is longer than the window, the only case where
+the window changes anything.
 """
 
 from __future__ import annotations
@@ -104,6 +108,15 @@ def _loom_attention(module, query, key, value, attention_mask, *, use_sdpa, **kw
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     else:
         max_seqlen = int(kwargs.get("max_length_q") or (cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    window = kwargs.get("sliding_window")
+    if window is not None and max_seqlen > window:
+        # a sample no longer than the window attends exactly as under full causal attention
+        raise ValueError(
+            f"Loom attention has no sliding window: config.sliding_window={window}, but a "
+            f"sample is {max_seqlen} tokens long; use samples of at most {window} tokens "
+            "(data.max_seq_len), or model.attn_implementation 'sdpa' or 'eager' (without "
+            "sequence parallelism)"
+        )
     single_sample = cu_seqlens.numel() == batch + 1
     out = _attend(query, key, value, cu_seqlens, max_seqlen, scaling, single_sample, use_sdpa)
     # [batch, seq, heads/sp, dim] -> [batch, seq/sp, heads, dim]

@@ -124,11 +124,14 @@ class StackedExpertsConverter:
     def finalize(self) -> None:
         if not self._buffers:
             return
+        gate, up, down = self.layout.projs
         lines = []
         for layer, parts in sorted(self._buffers.items()):
             missing = [
                 f"{e}.{p}"
-                for p in self.layout.projs
+                for stacked in ((gate, up), (down,))  # the parts of one stacked tensor
+                if any(p in stacked for p, _ in parts)  # begun, never completed
+                for p in stacked
                 for e in range(self.num_experts)
                 if (p, e) not in parts
             ]
@@ -136,7 +139,6 @@ class StackedExpertsConverter:
                 f"{layer}.{self.layout.block}.experts: missing "
                 f"{', '.join(missing[:8])}{' ...' * (len(missing) > 8)}"
             )
-        gate, up, down = self.layout.projs
         raise ValueError(
             "checkpoint ends with expert tensors that never completed a stacked tensor "
             f"(every expert needs {gate}, {up} and {down}): {'; '.join(lines)}"

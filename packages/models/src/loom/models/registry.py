@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from loom.models import attention
 
 logger = logging.getLogger(__name__)
-PORTS = ("llama", "qwen2", "qwen3", "qwen3_moe")
+PORTS = ("llama", "mixtral", "qwen2", "qwen3", "qwen3_moe")
 
 
 class Registry:

@@ -1,0 +1,20 @@
+"""Mixtral's routed experts: Loom's ``StackedExperts`` sized from ``MixtralConfig``
+(``num_local_experts``; every expert has the model's ``intermediate_size``, there is no
+dense MLP)."""
+
+from __future__ import annotations
+
+from loom.models.experts import StackedExperts, moe_implementation
+
+
+class MixtralStackedExperts(StackedExperts):
+    """Drop-in for v5's ``MixtralExperts``."""
+
+    def __init__(self, config) -> None:
+        super().__init__(
+            config.num_local_experts,
+            config.hidden_size,
+            config.intermediate_size,
+            config.hidden_act,
+            moe_implementation(config),
+        )
