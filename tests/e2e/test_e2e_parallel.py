@@ -25,6 +25,7 @@ LAYOUTS = [  # (processes, extra overrides)
 # Experts spread over 2 ranks. The router aux loss is a mean over micro-batches, so it is
 # layout-independent across dp and ep; under SP each rank's slice has its own aux term.
 MOE_LAYOUTS = [(2, []), (2, ["--parallel.ep_size", "2"])]
+MOE = {"qwen3_moe", "mixtral"}
 V5 = int(transformers.__version__.split(".")[0]) >= 5
 
 
@@ -54,6 +55,7 @@ def run(config: Path, out: Path, nproc: int, extra: list[str]) -> list[dict]:
         "qwen2",
         "qwen3",
         pytest.param("qwen3_moe", marks=pytest.mark.skipif(not V5, reason="v5 port only")),
+        pytest.param("mixtral", marks=pytest.mark.skipif(not V5, reason="v5 port only")),
     ],
 )
 def test_layouts_match_single_process(name, tmp_path):
@@ -78,7 +80,7 @@ def test_layouts_match_single_process(name, tmp_path):
     # The export is in HF's layout (per-expert keys for MoE): upstream's class loads it.
     _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "single/hf", output_loading_info=True)
     assert not any(info.values()), info
-    for nproc, extra in MOE_LAYOUTS if name.endswith("_moe") else LAYOUTS:
+    for nproc, extra in MOE_LAYOUTS if name in MOE else LAYOUTS:
         records = run(config, tmp_path / f"run-{nproc}-{'-'.join(extra)}", nproc, extra)
         for want, got in zip(reference, records, strict=True):
             for key in ("loss", "grad_norm"):
