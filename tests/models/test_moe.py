@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -63,7 +64,7 @@ class MoeCase:
     sparse_layers: tuple[int, ...]
     dense_key: str | None  # a dense-MLP key the converter must leave alone
     converter: type[StackedExpertsConverter]
-    to_hf: object
+    to_hf: Callable[[dict], dict]
     config_fields: tuple[str, str, str]  # experts, hidden, intermediate
 
     @property

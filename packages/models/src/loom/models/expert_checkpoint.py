@@ -104,10 +104,11 @@ class StackedExpertsConverter:
         self._buffers: dict[str, dict[tuple[str, int], torch.Tensor]] = {}  # by layer
 
     def can_handle(self, key: str) -> bool:
+        """Per-expert keys, stacked expert keys, and every key under HF's block name."""
+        if self.layout.per_expert.match(key):
+            return True
         renamed = self.layout.to_loom_key(key)
-        return bool(self.layout.per_expert.match(key) or _STACKED.match(renamed)) or (
-            renamed != key
-        )
+        return renamed != key or _STACKED.match(renamed) is not None
 
     def convert(self, key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         match = self.layout.per_expert.match(key)
