@@ -72,6 +72,10 @@ def test_parquet_and_datasets_folder(tmp_path):
 def test_unknown_kind_and_missing(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_source(tmp_path / "nope.jsonl", "text", "text", True)
+    (tmp_path / "shards").mkdir()
+    write_lines(tmp_path / "shards" / "part-0.jsonl", ['{"text": "a"}'])
+    with pytest.raises(DataError, match="read with streaming: true"):
+        load_source(tmp_path / "shards", "text", "text", True)
     (tmp_path / "d.csv").write_text("a\n")
     with pytest.raises(DataError, match=r"expected \.jsonl"):
         load_source(tmp_path / "d.csv", "text", "text", True)

@@ -24,9 +24,19 @@ def shift_labels(ids: list[int], supervised: list[bool]) -> list[int]:
     return [*labels, IGNORE_INDEX]
 
 
+def encode_texts(tokenizer, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+    """Each text's ids (then end-of-sequence) and labels; one tokenizer call for all."""
+    if not texts:
+        return []
+    out = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids = [*ids, tokenizer.eos_token_id]
+        out.append((ids, shift_labels(ids, [True] * len(ids))))
+    return out
+
+
 def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
-    ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
-    return ids, shift_labels(ids, [True] * len(ids))
+    return encode_texts(tokenizer, [text])[0]
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
@@ -77,19 +87,33 @@ def split_long(ids: list[int], labels: list[int], max_len: int) -> list[tuple[li
     return [(ids[i : i + max_len], labels[i : i + max_len]) for i in range(0, len(ids), max_len)]
 
 
+Sample = tuple[np.ndarray, np.ndarray]  # ids, labels: [tokens] int32 each
+
+
+def encode_records(tokenizer, fmt: Format, values: list, max_len: int) -> list[list[Sample]]:
+    """Each record's samples (``values``: its text or messages): pieces of at most
+    ``max_len`` tokens, those with nothing to learn dropped."""
+    if fmt == "text":
+        encoded = encode_texts(tokenizer, values)
+    else:
+        encoded = [encode_chat(tokenizer, messages) for messages in values]
+    return [
+        [
+            (np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32))
+            for ids, labels in split_long(*pair, max_len)
+            if any(label != IGNORE_INDEX for label in labels)
+        ]
+        for pair in encoded
+    ]
+
+
 def tokenize_source(
     table: datasets.Dataset, tokenizer, fmt: Format, field: str, max_len: int
 ) -> datasets.Dataset:
     """Columns ``input_ids`` and ``labels``, one row per sample of at most ``max_len``."""
-    encode = encode_text if fmt == "text" else encode_chat
 
     def batch_encode(batch: dict) -> dict:
-        out_ids, out_labels = [], []
-        for record in batch[field]:
-            for ids, labels in split_long(*encode(tokenizer, record), max_len):
-                if any(label != IGNORE_INDEX for label in labels):
-                    out_ids.append(np.asarray(ids, dtype=np.int32))
-                    out_labels.append(np.asarray(labels, dtype=np.int32))
-        return {"input_ids": out_ids, "labels": out_labels}
+        samples = [s for r in encode_records(tokenizer, fmt, batch[field], max_len) for s in r]
+        return {"input_ids": [ids for ids, _ in samples], "labels": [lab for _, lab in samples]}
 
     return table.map(batch_encode, batched=True, remove_columns=table.column_names)

@@ -51,16 +51,23 @@ class JsonlScan:
     bad: list[tuple[int, str]]  # (line number, problem)
 
 
+def parse_jsonl_line(line: str, fmt: Format, field: str) -> tuple[Any, str | None]:
+    """``(value of field, None)`` for a good line, ``(None, problem)`` for a bad one."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        return None, f"not valid JSON ({err.msg})"
+    problem = record_problem(record, fmt, field)
+    return (None, problem) if problem else (record[field], None)
+
+
 def scan_jsonl(path: Path, fmt: Format, field: str, stop_at_first: bool) -> JsonlScan:
     records, bad = 0, []
     with path.open(encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                problem = record_problem(json.loads(line), fmt, field)
-            except json.JSONDecodeError as err:
-                problem = f"not valid JSON ({err.msg})"
+            _, problem = parse_jsonl_line(line, fmt, field)
             if problem is None:
                 records += 1
                 continue
@@ -82,12 +89,11 @@ def first_bad_line(path: Path, field: str, fmt: Format = "text") -> str | None:
 def _good_jsonl_records(path: Path, fmt: Format, field: str) -> Iterator[dict]:
     with path.open(encoding="utf-8", errors="replace") as f:
         for line in f:
-            try:
-                record = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:
+            if not line.strip():
                 continue
-            if record is not None and record_problem(record, fmt, field) is None:
-                yield {field: record[field]}
+            value, problem = parse_jsonl_line(line, fmt, field)
+            if problem is None:
+                yield {field: value}
 
 
 def _load_jsonl(path: Path, fmt: Format, field: str, strict: bool) -> tuple[datasets.Dataset, int]:
@@ -132,7 +138,8 @@ def load_source(path: Path, fmt: Format, field: str, strict: bool) -> tuple[data
             table = datasets.load_from_disk(str(path))
         except FileNotFoundError as err:
             raise DataError(
-                f"{path}: not a folder written by datasets.save_to_disk ({err})"
+                f"{path}: not a folder written by datasets.save_to_disk ({err}); a folder "
+                "of .jsonl / .parquet shards is read with streaming: true"
             ) from None
         if isinstance(table, datasets.DatasetDict):
             if "train" not in table:
