@@ -14,14 +14,17 @@ import numpy as np
 
 from loom.trainer.data.mixture import Mixture
 from loom.trainer.data.packing import Ref, Row, build_row, pack_greedy
+from loom.trainer.data.streaming import StreamSource
 
 BatchUnit = Literal["rows", "samples"]
 
 
 class BatchLoader:
+    """``sources``: tokenized tables (in memory) or streaming sources, in any mix."""
+
     def __init__(
         self,
-        tables: list[datasets.Dataset],
+        sources: list[datasets.Dataset | StreamSource],
         weights: list[float],
         splittable: list[bool],
         seed: int,
@@ -30,8 +33,12 @@ class BatchLoader:
         batch_size: int,
         unit: BatchUnit = "rows",
     ) -> None:
-        self.tables = [t.with_format("numpy") for t in tables]
-        self.mixture = Mixture([len(t) for t in tables], weights, seed)
+        self.sources = [
+            s if isinstance(s, StreamSource) else s.with_format("numpy") for s in sources
+        ]
+        self.streams = {i: s for i, s in enumerate(self.sources) if isinstance(s, StreamSource)}
+        sizes = [None if i in self.streams else len(s) for i, s in enumerate(self.sources)]
+        self.mixture = Mixture(sizes, weights, seed)
         self.row_len, self.pad_id = row_len, pad_id
         self.batch_size, self.unit = batch_size, unit
         self.splittable = splittable
@@ -39,13 +46,17 @@ class BatchLoader:
         self.step = 0
 
     def _fetch(self, ref: Ref) -> tuple[np.ndarray, np.ndarray]:
-        source, index, offset = ref
-        sample = self.tables[source][index]
-        ids, labels = sample["input_ids"][offset:], sample["labels"][offset:]
-        return ids.astype(np.int64), labels.astype(np.int64)
+        source, key, offset = ref
+        if source in self.streams:
+            ids, labels = self.streams[source].fetch(key)
+        else:
+            sample = self.sources[source][key]
+            ids, labels = sample["input_ids"], sample["labels"]
+        return ids[offset:].astype(np.int64), labels[offset:].astype(np.int64)
 
     def _draw(self) -> Ref:
-        return (*self.mixture.next(), 0)
+        source, index = self.mixture.next()
+        return source, self.streams[source].next() if index is None else index, 0
 
     def next_batch(self, rows_multiple: int = 1) -> list[Row]:
         """The next global batch; padded with empty rows to a multiple of ``rows_multiple``
@@ -65,14 +76,31 @@ class BatchLoader:
         self.step += 1
         return rows
 
+    @property
+    def epoch(self) -> float:
+        """Epochs of the first source completed, as a fraction (for progress reports)."""
+        return self.streams[0].epoch if 0 in self.streams else self.mixture.epoch
+
+    @property
+    def skipped_records(self) -> int:
+        """Bad records the streaming sources passed over so far (``strict: false``)."""
+        return sum(s.skipped for s in self.streams.values())
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "mixture": self.mixture.state_dict(),
-            "pending": [list(r) for r in self.pending],
+            "streams": {str(i): s.state_dict() for i, s in self.streams.items()},
+            "pending": [
+                [r[0], list(r[1]) if r[0] in self.streams else r[1], r[2]] for r in self.pending
+            ],
             "step": self.step,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.mixture.load_state_dict(state["mixture"])
-        self.pending = [tuple(r) for r in state["pending"]]
+        self.mixture.load_state_dict(state["mixture"])  # checks which sources stream, too
+        for i, stream in self.streams.items():
+            stream.load_state_dict(state["streams"][str(i)])
+        self.pending = [
+            (r[0], tuple(r[1]) if r[0] in self.streams else r[1], r[2]) for r in state["pending"]
+        ]
         self.step = state["step"]

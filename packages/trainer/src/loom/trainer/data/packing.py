@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +42,8 @@ def build_row(samples: list[tuple[np.ndarray, np.ndarray]], row_len: int, pad_id
     return Row(ids, labels.astype(np.int64), position_ids.astype(np.int64), bounds.astype(np.int32))
 
 
-Ref = tuple[int, int, int]  # (source, index, offset of the first token still to pack)
+# (source, index or a stream's sample key, offset of the first token still to pack)
+Ref = tuple[int, Any, int]
 
 
 def pack_greedy(
