@@ -132,3 +132,28 @@ def test_plot_command(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 0
     for name in ("loss.png", "throughput.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_streaming_keys_and_their_checks(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "part-0.jsonl").write_text('{"text": "ok"}\n')
+    raw = {**BASE, "model": {"path": str(tmp_path / "model")}}
+    args = ["train", str(write(tmp_path, raw)), "--data.path", str(shards)]
+    assert main([*args, "--print-config", "--data.streaming", "true"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)["data"]["sources"][0]
+    assert printed["streaming"] is True and printed["shuffle_buffer"] == 10_000
+    assert main([*args, "--data.field", "body", "--data.streaming", "true"]) == 2
+    assert 'part-0.jsonl:1: field "body" is missing' in capsys.readouterr().err
+    assert main([*args[:-1], str(shards / "*.jsonl")]) == 2
+    assert "set data.sources[0].streaming: true" in capsys.readouterr().err
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["x"]}).save_to_disk(str(tmp_path / "saved"))
+    saved = ["--data.path", str(tmp_path / "saved"), "--data.streaming", "true"]
+    assert main([*args[:2], *saved]) == 2
+    assert "data.sources[0].streaming: " in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=re.escape("data.sources[0].shuffle_buffer")):
+        load_config(write(tmp_path, BASE), ["--data.shuffle_buffer", "-1"])

@@ -6,6 +6,7 @@ Relative paths are taken from the current working directory, as every other tool
 from __future__ import annotations
 
 import difflib
+import glob
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from loom.trainer.data.sources import first_bad_line
+from loom.trainer.data.streaming import first_record_problem, stream_shards
 from loom.trainer.errors import ConfigError, DataError
 
 
@@ -26,10 +28,19 @@ class ModelConfig(Section):
 
 
 class SourceConfig(Section):
-    path: Path = Field(description="a .jsonl / .json / .parquet file or a datasets folder")
+    path: Path = Field(
+        description="a .jsonl / .json / .parquet file or a datasets folder; streaming: also "
+        "a folder of .jsonl / .parquet shards or a glob"
+    )
     format: Literal["text", "chat"] = "text"
     field: str | None = Field(None, description='default: "text", or "messages" for chat')
     weight: float = Field(1.0, gt=0, description="relative share of the samples drawn")
+    streaming: bool = Field(
+        False, description="read and tokenize records as training goes, not all up front"
+    )
+    shuffle_buffer: int = Field(
+        10_000, ge=0, description="streaming: samples in the seeded shuffle buffer (0: in order)"
+    )
 
     @property
     def column(self) -> str:
@@ -47,7 +58,8 @@ class DataConfig(Section):
         # data.path / data.format / data.field stand for a single source.
         if isinstance(raw, dict) and "path" in raw and "sources" not in raw:
             raw = dict(raw)
-            source = {k: raw.pop(k) for k in ("path", "format", "field", "weight") if k in raw}
+            keys = ("path", "format", "field", "weight", "streaming", "shuffle_buffer")
+            source = {k: raw.pop(k) for k in keys if k in raw}
             raw["sources"] = [source]
         return raw
 
@@ -239,12 +251,31 @@ def check_inputs(config: Config) -> None:
             f"model.path {config.model.path} has no config.json; point it at a model directory"
         )
     for i, source in enumerate(config.data.sources):
+        if source.streaming:
+            _check_stream(f"data.sources[{i}]", source, config.data.strict)
+            continue
+        if glob.has_magic(str(source.path)):
+            raise ConfigError(
+                f"data.sources[{i}].path {source.path} is a pattern; shards found by a glob "
+                f"are read by streaming sources only: set data.sources[{i}].streaming: true"
+            )
         if not source.path.exists():
             raise ConfigError(f"data.sources[{i}].path {source.path} does not exist")
         if config.data.strict and source.path.suffix in (".jsonl", ".json"):
             problem = first_bad_line(source.path, source.column, source.format)
             if problem:
                 raise DataError(problem)
+
+
+def _check_stream(key: str, source: SourceConfig, strict: bool) -> None:
+    # Records are checked as they are read; only the first one here, not the whole corpus.
+    try:
+        stream_shards(source.path)
+    except DataError as err:
+        raise ConfigError(f"{key}.streaming: {err}") from None
+    problem = first_record_problem(source.path, source.format, source.column)
+    if strict and problem:
+        raise DataError(problem)
 
 
 def dump_config(config: Config, path: Path) -> None:

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import torch
 import torch.distributed as dist
 from rich.console import Console
@@ -17,10 +18,11 @@ from loom.dist.loading import load_safetensors, materialize
 from loom.dist.mesh import ParallelState
 from loom.models.registry import port_hooks
 from loom.trainer.checkpointing import resume_from
-from loom.trainer.config import Config, dump_config
+from loom.trainer.config import Config, DataConfig, SourceConfig, dump_config
 from loom.trainer.data.loader import BatchLoader
 from loom.trainer.data.samples import tokenize_source
 from loom.trainer.data.sources import load_source
+from loom.trainer.data.streaming import StreamSource, stream_shards
 from loom.trainer.errors import ConfigError
 from loom.trainer.flops import FlopModel, flop_model, peak_flops
 from loom.trainer.metrics import MetricsLog, read_metrics
@@ -57,39 +59,59 @@ class Run:
 
 
 def build_loader(config: Config, tokenizer, console: Console) -> BatchLoader:
-    """Read and tokenize every source; rank 0 first, so the others reuse its cache."""
-    tables = []
+    """Read and tokenize every in-memory source (rank 0 first, so the others reuse its
+    cache); streaming sources only find their shards here."""
+    data, train = config.data, config.train
+    sources: dict[int, datasets.Dataset | StreamSource] = {}
     for rank_turn in (True, False):
         if rank_turn == (dist.get_rank() == 0):
-            for source in config.data.sources:
-                records, dropped = load_source(
-                    source.path, source.format, source.column, config.data.strict
-                )
-                if dropped:
-                    console.print(f"[yellow]{source.path}: skipped {dropped} bad records")
-                samples = tokenize_source(
-                    records, tokenizer, source.format, source.column, config.data.max_seq_len
-                )
-                console.print(
-                    f"data: {source.path}: {len(records)} records -> {len(samples)} samples"
-                )
-                tables.append(samples)
+            for i, source in enumerate(data.sources):
+                if not source.streaming:
+                    sources[i] = _load_in_memory(source, tokenizer, data, console)
         dist.barrier()
-    train = config.train
+    for i, source in enumerate(data.sources):
+        if source.streaming:
+            sources[i] = _stream(source, (train.seed, i), tokenizer, data, console)
     unit = "samples" if train.batch_unit == "samples" else "rows"
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     return BatchLoader(
-        tables,
-        [s.weight for s in config.data.sources],
-        [s.format == "text" for s in config.data.sources],
+        [sources[i] for i in range(len(data.sources))],
+        [s.weight for s in data.sources],
+        [s.format == "text" for s in data.sources],
         train.seed,
-        config.data.max_seq_len,
+        data.max_seq_len,
         pad_id,
         config.global_rows() or train.global_batch_size,
         unit,
     )
+
+
+def _load_in_memory(
+    source: SourceConfig, tokenizer, data: DataConfig, console: Console
+) -> datasets.Dataset:
+    records, dropped = load_source(source.path, source.format, source.column, data.strict)
+    if dropped:
+        console.print(f"{source.path}: skipped {dropped} bad records", style="yellow")
+    samples = tokenize_source(records, tokenizer, source.format, source.column, data.max_seq_len)
+    console.print(f"data: {source.path}: {len(records)} records -> {len(samples)} samples")
+    return samples
+
+
+def _stream(
+    source: SourceConfig, seed: tuple[int, int], tokenizer, data: DataConfig, console: Console
+) -> StreamSource:
+    shards = stream_shards(source.path)
+    console.print(
+        f"data: {source.path}: streaming {len(shards)} shard(s), "
+        f"shuffle buffer {source.shuffle_buffer} samples"
+    )
+    return StreamSource(
+        shards, tokenizer, source.format, source.column, data.max_seq_len, data.strict,
+        source.shuffle_buffer, seed,
+        warn=lambda message: console.print(message, style="yellow", markup=False),
+    )  # fmt: skip
 
 
 def shard_model(

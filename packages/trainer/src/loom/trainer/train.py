@@ -181,7 +181,7 @@ def train_step(run: Run) -> dict:
     run.tokens += step_tokens
     flops = run.flops.step_flops(step_tokens, sum_sq_lengths([r.cu_seqlens for r in rows]))
     peak = run.peak_flops * parallel.world_size if run.peak_flops else None
-    return {
+    record = {
         "step": run.step,
         "loss": result.loss,
         "grad_norm": result.grad_norm,
@@ -192,9 +192,12 @@ def train_step(run: Run) -> dict:
         "mfu": flops / elapsed / peak if peak else None,
         "peak_memory_gb": peak_memory_gb(parallel.device),
         "step_time_s": elapsed,
-        "epoch": run.loader.mixture.epoch,
+        "epoch": run.loader.epoch,
         "skipped": skipped,
     }
+    if run.loader.streams:
+        record["skipped_records"] = run.loader.skipped_records
+    return record
 
 
 def save(run: Run) -> Path:
