@@ -66,7 +66,7 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 # --- fused linear cross-entropy ---------------------------------------------------------
 
 
-def bench_ce(tokens: int, hidden: int, vocab: int, chunks: list[int]) -> list[dict]:
+def bench_ce(tokens: int, hidden: int, vocab: int, chunks: list[str]) -> list[dict]:
     torch.manual_seed(0)
     h = torch.randn(tokens, hidden, device="cuda").to(BF16).requires_grad_(True)
     w = (torch.randn(vocab, hidden, device="cuda") * hidden**-0.5).to(BF16).requires_grad_(True)
@@ -80,9 +80,11 @@ def bench_ce(tokens: int, hidden: int, vocab: int, chunks: list[int]) -> list[di
 
     variants = {"unfused F.cross_entropy(h @ W.T)": unfused, "reference (fp32 logits)": reference}
     variants["fused (default chunk)"] = lambda: K.fused_linear_cross_entropy(h, w, labels)
-    for chunk in chunks:
-        variants[f"fused chunk={chunk}"] = lambda c=chunk: K.fused_linear_cross_entropy(
-            h, w, labels, chunk_size=c
+    for split in chunks:  # "CHUNK" or "CHUNK:VOCAB_BLOCK"
+        chunk, _, block = split.partition(":")
+        sizes = {"chunk_size": int(chunk), "vocab_block": int(block) if block else None}
+        variants[f"fused chunk={split}"] = lambda sizes=sizes: K.fused_linear_cross_entropy(
+            h, w, labels, **sizes
         )
 
     def fwd_bwd(fn):
@@ -289,7 +291,11 @@ def main() -> None:
     parser.add_argument(
         "--ce-shapes", default="4096,2048,151936", help="tokens,hidden,vocab[;tokens,...]"
     )
-    parser.add_argument("--ce-chunks", default="", help="extra chunk sizes to time, e.g. 512,1024")
+    parser.add_argument(
+        "--ce-chunks",
+        default="",
+        help="extra splits to time: tokens per chunk[:vocabulary rows per block], e.g. 512,1024:4096",
+    )
     parser.add_argument("--rms-shapes", default="4096x2048,65536x128")
     parser.add_argument(
         "--rms-configs", default="{}", help="JSON list of _rms_norm_triton constant overrides"
@@ -312,7 +318,7 @@ def main() -> None:
             for shape in args.ce_shapes.split(";")
             for row in bench_ce(
                 *(int(n) for n in shape.split(",")),
-                [int(c) for c in args.ce_chunks.split(",") if c],
+                [c for c in args.ce_chunks.split(",") if c],
             )
         ],
     }
