@@ -56,6 +56,28 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, uninterrupted):
 
 
 @pytest.mark.slow
+def test_streaming_source_resumes_exactly(tmp_path):
+    # Two runs, not three: the killed run's own log of steps 3 and 4 is the uninterrupted
+    # reference for the same steps trained again from its step-2 checkpoint.
+    out = tmp_path / "run"
+    extra = [
+        "--train.steps", "4", "--train.global_batch_size", "4", "--train.micro_batch_size", "2",
+        "--data.streaming", "true", "--data.shuffle_buffer", "64",
+    ]  # fmt: skip
+    killed = train(out, 1, {"LOOM_TEST_KILL_AFTER_STEP": "4"}, *extra)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    straight = metrics(out)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_2"]
+    resumed = train(out, 1, None, *extra)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "streaming 1 shard" in resumed.stderr and "resumed from" in resumed.stderr
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[-1]["skipped_records"] == 0
+    for want, got in zip(straight, records, strict=True):
+        assert got["loss"] == want["loss"] and got["grad_norm"] == want["grad_norm"], got
+
+
+@pytest.mark.slow
 def test_resume_at_another_world_size(tmp_path, uninterrupted):
     out = tmp_path / "run"
     killed = train(out, 2, {"LOOM_TEST_KILL_AFTER_STEP": "3"})

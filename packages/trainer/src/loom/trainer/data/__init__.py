@@ -2,6 +2,7 @@
 
 - ``sources``: read JSONL / Parquet / ``datasets`` folders, validate records.
 - ``samples``: turn records into token ids and shifted labels (plain text or chat).
+- ``streaming``: JSONL / Parquet shards read and tokenized as training goes, resumable.
 - ``mixture``: a seeded, resumable draw of samples from weighted sources.
 - ``packing``: pack samples into rows with per-sample position ids and ``cu_seqlens``.
 - ``loader``: global batches of rows for each step, the same for every world size.
