@@ -64,7 +64,7 @@ def test_triton_matches_reference(
     got = _loss_and_grads(fused_linear_cross_entropy, h, w, labels, **kwargs, **split)
     want = _loss_and_grads(linear_cross_entropy_reference, h, w, labels, **kwargs)
     launched = {name for name, _ in calls}
-    two_pass = labels.numel() > 3 and passes == "two"
+    two_pass = passes == "two"
     assert launched == ({LAUNCHER, BLOCK_LAUNCHER} if two_pass else {LAUNCHER})
     for g, r, name in zip(got, want, ("loss", "d_hidden", "d_weight"), strict=True):
         assert g.dtype == r.dtype, name
@@ -110,17 +110,26 @@ def test_chunks_and_blocks_bound_the_logits(triton_spy, triton_device):
 
 def test_default_plan_holds_about_the_hidden_states():
     qwen3_lm_head = torch.empty(151936, 2048, dtype=torch.bfloat16, device="meta")
-    # 16k tokens: hidden is 64 MiB, so chunks of 192 tokens (55.7 MiB of logits, a
-    # multiple of 64) and blocks of 2048 vocabulary rows (64 MiB).
-    assert plan_chunks(16384, 2048, qwen3_lm_head) == (192, 2048)
-    # Fewer tokens: the floor of MIN_BUFFER_BYTES (64 MiB) still holds.
-    assert plan_chunks(1024, 2048, qwen3_lm_head) == (192, 32768)
-    # Logits that fit the budget (8 MB of MIN_BUFFER_BYTES): one chunk, one pass.
+    # 16k tokens: hidden is 64 MiB, so blocks of 2048 vocabulary rows (64 MiB); the loss
+    # pass, before d weight exists, also takes its 594 MiB: chunks of 2240 tokens (649 MiB
+    # of logits, a multiple of 64).
+    assert plan_chunks(16384, 2048, qwen3_lm_head) == (2240, 2048)
+    # Without d weight there is no weight pass to share the peak with.
+    assert plan_chunks(16384, 2048, qwen3_lm_head, needs_dw=False)[0] == 192
+    # Fewer tokens: the floor of MIN_BUFFER_BYTES (64 MiB) still holds; the loss pass's
+    # chunk covers every token, but d weight still comes from the weight pass, so the
+    # 297 MiB of logits are never alive beside it.
+    assert plan_chunks(1024, 2048, qwen3_lm_head) == (1024, 32768)
+    assert plan_chunks(1024, 2048, qwen3_lm_head, needs_dw=False) == (192, 32768)
+    # Logits that fit the budget (8 MB of 64 MiB): one chunk, one pass.
     small_vocab = torch.empty(1000, 2048, dtype=torch.bfloat16, device="meta")
-    assert plan_chunks(4096, 2048, small_vocab)[0] == 4096
+    assert plan_chunks(4096, 2048, small_vocab) == (4096, None)
+    # An explicit chunk of every token is one pass; with a block, two.
+    assert plan_chunks(30, 64, small_vocab, chunk_size=30) == (30, None)
+    assert plan_chunks(30, 64, small_vocab, chunk_size=30, vocab_block=100) == (30, 100)
     # Never fewer than 64 rows, never more than there are.
     huge_vocab = torch.empty(2**22, 64, dtype=torch.float32, device="meta")
-    assert plan_chunks(10_000, 64, huge_vocab) == (64, 1664)
+    assert plan_chunks(10_000, 64, huge_vocab, needs_dw=False) == (64, 1664)
     assert plan_chunks(30, 64, huge_vocab)[0] == 30
     assert plan_chunks(16384, 2048, qwen3_lm_head, chunk_size=5, vocab_block=7) == (5, 7)
 

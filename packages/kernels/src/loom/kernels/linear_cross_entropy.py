@@ -70,9 +70,9 @@ def fused_linear_cross_entropy(
     hidden_rows = hidden.reshape(-1, hidden.shape[-1])
     labels_flat = labels.reshape(-1).contiguous()
     divisor = _mean_divisor(labels_flat, reduction, num_items, ignore_index)
-    chunk, block = plan_chunks(*hidden_rows.shape, weight, chunk_size, vocab_block)
     # Function.forward runs with grad mode off, and its needs_input_grad ignores grad mode.
     wants = tuple(t.requires_grad and torch.is_grad_enabled() for t in (hidden, weight))
+    chunk, block = plan_chunks(*hidden_rows.shape, weight, chunk_size, vocab_block, wants[1])
     loss, logits = _FusedLinearCrossEntropy.apply(
         hidden_rows, weight, labels_flat, divisor, (chunk, block), options, return_logits, wants
     )
@@ -162,20 +162,29 @@ def plan_chunks(
     weight: torch.Tensor,
     chunk_size: int | None = None,
     vocab_block: int | None = None,
-) -> tuple[int, int]:
-    """(tokens per loss-pass chunk, vocabulary rows per weight-pass block).
+    needs_dw: bool = True,
+) -> tuple[int, int | None]:
+    """(tokens per loss-pass chunk, vocabulary rows per weight-pass block, or None for one
+    pass: ``d weight`` from the loss pass's logits, all tokens in one chunk).
 
-    Both buffers, [chunk, V] and [tokens, block], hold about ``max(bytes of hidden,
-    MIN_BUFFER_BYTES)``. A chunk of all the tokens means one pass: ``d weight`` comes
-    from the loss pass's logits, and the block size is unused.
+    The weight pass holds ``d weight`` [V, H], ``d hidden`` and a [tokens, block] buffer of
+    about ``max(bytes of hidden, MIN_BUFFER_BYTES)``. The loss pass runs before ``d weight``
+    exists, so its [chunk, V] buffer may also take the room ``d weight`` will need: larger
+    chunks, no higher peak. One pass (peak: logits + d weight) when the logits fit that
+    buffer budget, or when ``chunk_size`` covers every token and no ``vocab_block`` is given.
     """
     vocab, itemsize = weight.shape[0], weight.element_size()
     budget = max(n_tokens * hidden_size * itemsize, MIN_BUFFER_BYTES)
-    if chunk_size is None:
-        fits = n_tokens * vocab * itemsize <= budget
-        chunk_size = n_tokens if fits else _rows_within(budget // (vocab * itemsize))
     if vocab_block is None:
+        one_pass = (
+            n_tokens * vocab * itemsize <= budget if chunk_size is None else chunk_size >= n_tokens
+        )
+        if one_pass:
+            return max(1, n_tokens), None
         vocab_block = _rows_within(budget // max(1, n_tokens * itemsize))
+    if chunk_size is None:
+        chunk_budget = budget + (weight.numel() * itemsize if needs_dw else 0)
+        chunk_size = _rows_within(chunk_budget // (vocab * itemsize))
     return max(1, min(chunk_size, n_tokens)), max(1, min(vocab_block, vocab))
 
 
@@ -188,7 +197,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, divisor, sizes, options, return_logits, wants):
         (chunk, block), (want_dh, want_dw) = sizes, wants
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
-        one_pass = chunk >= n_tokens
+        one_pass = block is None
         dh = torch.empty_like(hidden) if want_dh else None
         dw = torch.zeros_like(weight) if want_dw and n_tokens == 0 else None
         logits_out = hidden.new_empty(n_tokens, vocab) if return_logits else None
