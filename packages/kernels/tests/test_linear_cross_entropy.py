@@ -116,11 +116,14 @@ def test_default_plan_holds_about_the_hidden_states():
     assert plan_chunks(16384, 2048, qwen3_lm_head) == (2240, 2048)
     # Without d weight there is no weight pass to share the peak with.
     assert plan_chunks(16384, 2048, qwen3_lm_head, needs_dw=False)[0] == 192
-    # Fewer tokens: the floor of MIN_BUFFER_BYTES (64 MiB) still holds; the loss pass's
-    # chunk covers every token, but d weight still comes from the weight pass, so the
-    # 297 MiB of logits are never alive beside it.
-    assert plan_chunks(1024, 2048, qwen3_lm_head) == (1024, 32768)
-    assert plan_chunks(1024, 2048, qwen3_lm_head, needs_dw=False) == (192, 32768)
+    # Logits of at most ONE_PASS_BYTES (2 GiB): one pass, three GEMMs.
+    assert plan_chunks(4096, 2048, qwen3_lm_head) == (4096, None)
+    # Short batches with a vast vocabulary: the loss pass takes chunks of 1024 tokens (2 GiB),
+    # d weight comes from the weight pass (blocks within the 64 MiB floor), so the 2.1 GiB of
+    # logits are never alive beside it.
+    lm_head_1m = torch.empty(2**20, 1024, dtype=torch.bfloat16, device="meta")
+    assert plan_chunks(1100, 1024, lm_head_1m) == (1024, 30464)
+    assert plan_chunks(1100, 1024, lm_head_1m, needs_dw=False) == (64, 30464)
     # Logits that fit the budget (8 MB of 64 MiB): one chunk, one pass.
     small_vocab = torch.empty(1000, 2048, dtype=torch.bfloat16, device="meta")
     assert plan_chunks(4096, 2048, small_vocab) == (4096, None)
