@@ -22,9 +22,14 @@ LAYOUTS = [  # (processes, extra overrides)
     (2, []),  # dp 2
     (2, ["--parallel.sp_size", "2"]),  # sp 2
 ]
-# Experts spread over 2 ranks. The router aux loss is a mean over micro-batches, so it is
-# layout-independent across dp and ep; under SP each rank's slice has its own aux term.
-MOE_LAYOUTS = [(2, []), (2, ["--parallel.ep_size", "2"])]
+# Experts spread over 2 ranks, and over the SP group. The router aux loss is a mean over
+# micro-batches, so it is layout-independent across dp and ep; under SP its sums are taken
+# over the whole sequence (loom.models.moe_loss).
+MOE_LAYOUTS = [
+    (2, []),
+    (2, ["--parallel.ep_size", "2"]),
+    (2, ["--parallel.sp_size", "2", "--parallel.ep_size", "2"]),
+]
 MOE = {"qwen3_moe", "mixtral"}
 V5 = int(transformers.__version__.split(".")[0]) >= 5
 

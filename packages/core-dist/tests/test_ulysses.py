@@ -18,6 +18,7 @@ from loom.dist.ulysses import (
     pad_to_multiple,
     repeat_kv_for_sp,
     slice_input,
+    sum_over_ranks,
     unpad,
 )
 
@@ -162,3 +163,20 @@ def test_repeat_kv_for_sp_keeps_query_groups_together(kv_heads, sp, repeats):
 def test_repeat_kv_for_sp_refuses_indivisible_query_heads():
     with pytest.raises(ValueError, match="6 query heads cannot be split over sp=4"):
         repeat_kv_for_sp(torch.zeros(1, 1, 2, 1), 2, 6, 4)
+
+
+def _sum_over_ranks_has_the_total_gradient() -> None:
+    group, rank, sp = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
+    parts = torch.randn(sp, 5, generator=torch.Generator().manual_seed(3)).to(rank_device())
+    mine = parts[rank].clone().requires_grad_()
+    total = sum_over_ranks(mine, group)
+    assert_close(total, parts.sum(0), "sum")
+    # Every rank computes the same loss of the total (hence / sp, as for a gathered loss):
+    # each part's gradient is that of (sum of parts)**2, not of its own square.
+    ((total**2).sum() / sp).backward()
+    assert_close(mine.grad, 2 * parts.sum(0), "grad")
+
+
+@pytest.mark.parametrize("sp", [2, 4])
+def test_sum_over_ranks_has_the_total_gradient(sp):
+    run_distributed(_sum_over_ranks_has_the_total_gradient, sp)

@@ -129,6 +129,30 @@ def gather_outputs(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     return _GatherOutputs.apply(x, dim, group)
 
 
+def sum_over_ranks(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """The sum of every SP rank's ``x`` (same shape on every rank), on every rank; backward
+    sums the gradients over ranks too, as for ``gather_outputs``: every rank's loss uses
+    the total, and each rank's part gets the gradient of all of them."""
+    if dist.get_world_size(group) == 1:
+        return x
+    return _SumOverRanks.apply(x, group)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):  # type: ignore[override]
+        ctx.group = group
+        total = x.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        total = grad.clone()
+        dist.all_reduce(total, group=ctx.group)
+        return total, None
+
+
 def gather_seq_scatter_heads(
     x: torch.Tensor, seq_dim: int, head_dim: int, group: Group
 ) -> torch.Tensor:

@@ -152,6 +152,12 @@ def moe_port(
         replacement=rotary_v5,
         description="fused rotary embedding of q and k",
     )
+    config.replace_function(
+        "load_balancing_loss_func",
+        replacement=create_patch_from_external("loom.models.moe_loss", "load_balancing_loss_func"),
+        description="upstream's aux loss, with its sums taken over the whole sequence under "
+        "sequence parallelism (each SP rank routes only its slice)",
+    )
     config.override_method(
         f"{prefix}ForCausalLM.forward",
         replacement=causal_lm_forward,

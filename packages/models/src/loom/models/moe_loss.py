@@ -1,0 +1,55 @@
+"""The MoE ports' load-balancing aux loss: upstream's (Switch Transformer, eqs. 4-6, as
+transformers v5 writes it), over the whole sequence under sequence parallelism.
+
+The loss is ``num_experts * sum_e f_e * P_e`` with ``f_e`` the share of routing slots
+that picked expert ``e`` and ``P_e`` its mean router probability, both over every token
+of the batch. Under SP each rank routes only its slice of the sequence, and a product of
+per-slice means is not the product of the sequence's means: the per-expert sums and the
+token count are added up over the SP group first (the probability sums with their
+gradient, ``loom.dist.ulysses.sum_over_ranks``), so every layout gives the sp=1 loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loom.dist.ulysses import sum_over_ranks
+from loom.models.attention import sequence_parallel_group
+
+
+def load_balancing_loss_func(
+    gate_logits: tuple[torch.Tensor, ...] | None,
+    num_experts: int | None = None,
+    top_k: int = 2,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor | int:
+    """gate_logits: one [tokens, experts] tensor per MoE layer (this rank's tokens);
+    attention_mask: [batch, seq] of this rank's tokens, or None. Returns the int 0
+    without router logits, as upstream does."""
+    if gate_logits is None or not isinstance(gate_logits, tuple):
+        return 0
+    device = gate_logits[0].device
+    slots = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    probs = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    rows = torch.zeros((), dtype=torch.float32, device=device)
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
+    for layer_logits in gate_logits:
+        routing = F.softmax(layer_logits.to(device), dim=-1)
+        _, selected = torch.topk(routing, top_k, dim=-1)
+        if mask is None:
+            slots = slots + torch.bincount(selected.reshape(-1), minlength=num_experts).float()
+            probs = probs + routing.float().sum(dim=0)
+            rows = rows + routing.shape[0]
+        else:
+            weights = mask.repeat_interleave(top_k)
+            slots = slots + torch.zeros_like(slots).scatter_add_(0, selected.reshape(-1), weights)
+            probs = probs + (routing.float() * mask.unsqueeze(-1)).sum(dim=0)
+            rows = rows + mask.sum()
+    group = sequence_parallel_group()
+    if group is not None:
+        slots, rows = (sum_over_ranks(t.detach(), group) for t in (slots, rows))
+        probs = sum_over_ranks(probs, group)
+    return torch.sum((slots / rows) * (probs / rows).unsqueeze(0)) * num_experts
