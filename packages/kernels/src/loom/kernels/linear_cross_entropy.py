@@ -259,11 +259,9 @@ def _loss_pass_chunk(h, weight, labels, losses_out, lse_out, options, logits_out
 
     logits = h @ weight.T
     if logits_out is not None:
-        logits_out.copy_(logits)
         softcap = options[-1]
-        if softcap is not None:
-            capped = softcap * torch.tanh(logits_out.float() / softcap)
-            logits_out.copy_(capped)
+        shown = logits if softcap is None else softcap * torch.tanh(logits.float() / softcap)
+        logits_out.copy_(shown)
     kernels.cross_entropy_loss_and_grad(logits, labels, losses_out, lse_out, *options)
     return logits
 
