@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import transformers
 import yaml
 from transformers import AutoModelForCausalLM
 
@@ -31,7 +30,6 @@ MOE_LAYOUTS = [
     (2, ["--parallel.sp_size", "2", "--parallel.ep_size", "2"]),
 ]
 MOE = {"qwen3_moe", "mixtral"}
-V5 = int(transformers.__version__.split(".")[0]) >= 5
 
 
 def toy_model_dir(name: str, out: Path) -> Path:
@@ -59,8 +57,8 @@ def run(config: Path, out: Path, nproc: int, extra: list[str]) -> list[dict]:
         "llama",
         "qwen2",
         "qwen3",
-        pytest.param("qwen3_moe", marks=pytest.mark.skipif(not V5, reason="v5 port only")),
-        pytest.param("mixtral", marks=pytest.mark.skipif(not V5, reason="v5 port only")),
+        "qwen3_moe",
+        "mixtral",
     ],
 )
 def test_layouts_match_single_process(name, tmp_path):

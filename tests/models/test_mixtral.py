@@ -1,7 +1,7 @@
 """What only the Mixtral port has (the rest is test_moe.py's, for both MoE ports):
 
-- HF names Mixtral's MoE block ``block_sparse_moe``, Loom (and v5 in memory) ``mlp``:
-  the router is renamed on the way in and back on export;
+- HF names Mixtral's MoE block ``block_sparse_moe``, Loom (both majors' ports, and v5
+  in memory) ``mlp``: the router is renamed on the way in and back on export;
 - Mixtral's attention passes ``config.sliding_window`` to the attention backend; Loom's
   backends have no window, so they refuse samples longer than it and are exact below.
 """
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from loom.dist.loading import load_safetensors
 from loom.models import build_model
 from loom.models.mixtral.converter import MixtralConverter, to_hf
 from loom.models.registry import port_hooks
@@ -50,15 +50,15 @@ def test_registry_hooks():
     assert hooks.expert_plan is port_hooks("qwen3_moe").expert_plan  # one shared plan
 
 
-@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5, reason="v5 port only")
 @pytest.mark.parametrize("backend", ["loom_sdpa", "loom_varlen"])
-def test_sliding_window_refused_beyond_exact_below(backend):
+def test_sliding_window_refused_beyond_exact_below(backend, tmp_path):
     config = AutoConfig.from_pretrained(TOY)
     config.sliding_window = 8
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     model = build_model(config, attn_implementation=backend)
-    model.load_state_dict(hf.state_dict())
+    hf.save_pretrained(tmp_path)  # HF's layout (per-expert keys), read by Loom's loader
+    load_safetensors(model, tmp_path, MixtralConverter.from_config(config))
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         short = ids[:, :8]  # no longer than the window: the window changes nothing

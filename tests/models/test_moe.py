@@ -2,8 +2,9 @@
 process and under expert parallelism, and read and write HF's checkpoints. Every test
 runs for both ports, on their toy configs (whose expert sizes are pairwise distinct):
 
-- eager and fused experts vs upstream HF v5 (its eager experts and its default
-  experts implementation): loss, aux loss, router logits, grad norm (CPU fp32, tight);
+- eager and fused experts vs upstream HF (v5: its eager experts and its default
+  experts implementation; v4: its per-expert loop, upstream's state dict converted to
+  Loom's stacked layout): loss, aux loss, router logits, grad norm (CPU fp32, tight);
   packed rows under every attention backend the trainer uses;
 - ep 1, 2 and 4 on gloo (experts ``Shard(0)`` over the ep mesh, FSDP2 over the dense
   and expert meshes, the loss scaled as the trainer scales it) give the single-process
@@ -46,10 +47,10 @@ from _dist_harness import assert_close, run_distributed  # noqa: E402
 
 RTOL, ATOL = 1e-5, 1e-6  # fp32 on CPU
 WORLD = 4
-# The ports are generated for transformers v5 only so far; the converter tests run on both.
-v5_only = pytest.mark.skipif(
-    int(transformers.__version__.split(".")[0]) < 5, reason="MoE ports: v5 only"
-)
+MAJOR = int(transformers.__version__.split(".")[0])
+# v5's upstream computes its experts eagerly or with its default implementation; v4's has
+# only its per-expert loop.
+UPSTREAM_EXPERTS = ["eager", None] if MAJOR >= 5 else ["eager"]
 
 
 @dataclass(frozen=True)
@@ -108,17 +109,26 @@ def batch(seed: int, rows: int = 2, seq: int = 16):
 def upstream(case: MoeCase, experts_implementation: str | None = "eager"):
     config = AutoConfig.from_pretrained(case.path)
     torch.manual_seed(0)
-    kwargs = {"experts_implementation": experts_implementation} if experts_implementation else {}
+    kwargs = {}
+    if experts_implementation and MAJOR >= 5:
+        kwargs["experts_implementation"] = experts_implementation
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager", **kwargs)
 
 
 def port(case: MoeCase, moe_implementation: str, state_dict=None):
+    """The port, with upstream's ``state_dict`` (in Loom's layout) when given."""
     model = build_model(
         case.path, attn_implementation="eager", moe_implementation=moe_implementation
     )
     if state_dict is not None:
-        model.load_state_dict(state_dict)
+        model.load_state_dict(loom_state_dict(case, state_dict))
     return model
+
+
+def loom_state_dict(case: MoeCase, state_dict: dict) -> dict:
+    """Upstream's state dict in Loom's layout: v4's per-expert tensors stacked (and
+    Mixtral's ``block_sparse_moe`` renamed), v5's stacked tensors passed through."""
+    return convert_all(case.make_converter(), state_dict)
 
 
 def grad_norm(model) -> torch.Tensor:
@@ -138,15 +148,14 @@ def reference(name: str):
     return upstream(CASES[name], "eager")
 
 
-@v5_only
-@pytest.mark.parametrize("upstream_experts", ["eager", None], ids=["hf-eager", "hf-default"])
+@pytest.mark.parametrize("upstream_experts", UPSTREAM_EXPERTS, ids=lambda e: f"hf-{e or 'default'}")
 @pytest.mark.parametrize("moe", ["eager", "fused"])
 @pytest.mark.parametrize("name", MODELS)
 def test_forward_backward_matches_upstream(name, moe, upstream_experts):
     case = CASES[name]
     hf = reference(name) if upstream_experts == "eager" else upstream(case, None)
     model = port(case, moe, hf.state_dict())
-    assert type(model).__module__.startswith(f"loom.models.{name}.generated.v5.")
+    assert type(model).__module__.startswith(f"loom.models.{name}.generated.v{MAJOR}.")
     for layer in case.sparse_layers:
         assert isinstance(model.model.layers[layer].mlp.experts, StackedExperts)
     ids, _ = batch(0)
@@ -175,7 +184,6 @@ def packed_rows(lengths=((5, 9, 2), (16,)), seed: int = 4):
     return torch.stack(ids), torch.stack(labels), torch.stack(positions)
 
 
-@v5_only
 @pytest.mark.parametrize("backend", ["sdpa", "loom_sdpa", "loom_varlen"])
 @pytest.mark.parametrize("name", MODELS)
 def test_attention_backends_on_packed_rows(name, backend):
@@ -183,7 +191,7 @@ def test_attention_backends_on_packed_rows(name, backend):
     plus its weighted aux loss, and its grad norm."""
     hf, case = reference(name), CASES[name]
     model = build_model(case.path, attn_implementation=backend, moe_implementation="fused")
-    model.load_state_dict(hf.state_dict())
+    model.load_state_dict(loom_state_dict(case, hf.state_dict()))
     ids, labels, positions = packed_rows()
     hf.zero_grad(set_to_none=True)
     out = hf(input_ids=ids, position_ids=positions)
@@ -197,7 +205,6 @@ def test_attention_backends_on_packed_rows(name, backend):
     torch.testing.assert_close(grad_norm(model), grad_norm(hf), rtol=RTOL, atol=ATOL)
 
 
-@v5_only
 @pytest.mark.parametrize("name", MODELS)
 def test_shift_labels_and_no_labels(name):
     hf, case = reference(name), CASES[name]
@@ -221,7 +228,6 @@ def test_shift_labels_and_no_labels(name):
         torch.testing.assert_close(plain.loss, want.loss - coef * want.aux_loss, rtol=RTOL, atol=ATOL)  # fmt: skip
 
 
-@v5_only
 @pytest.mark.parametrize("name", MODELS)
 def test_init_weights_and_bad_implementation(name):
     case = CASES[name]
@@ -359,7 +365,6 @@ def test_round_trip_hf_loom_hf_is_byte_identical(name, dtype):
         assert back[key].contiguous().view(torch.uint8).equal(tensor.view(torch.uint8)), key
 
 
-@v5_only
 @pytest.mark.parametrize("name", MODELS)
 def test_upstream_save_and_port_export_are_the_same_checkpoint(name, tmp_path):
     """upstream save_pretrained -> converter -> the port -> to_hf: upstream's keys, bytes
@@ -464,12 +469,11 @@ def _under_expert_parallelism(name, state_dict, loss_tokens, expected, checkpoin
     assert_close(logits, want_logits[rank], f"{name} rank {rank}: logits after loading under ep 2")
 
 
-@v5_only
 @pytest.mark.parametrize("name", MODELS)
 def test_expert_parallel_and_upstream_checkpoint(name, tmp_path):
     """ep 1/2/4 x eager/fused equal one process; an upstream checkpoint loads under ep 2."""
     hf, case = reference(name), CASES[name]
-    # which layout does v5's save_pretrained write? per-expert HF keys (checked here)
+    # which layout does save_pretrained write? per-expert HF keys (checked here)
     hf.save_pretrained(tmp_path, max_shard_size="100KB")
     weight_map = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
     assert len(set(weight_map.values())) > 1, "the test wants a sharded checkpoint"

@@ -4,7 +4,7 @@ the ``ep`` mesh (``ParallelState.ep_mesh``), so ep rank ``r`` holds experts
 sends tokens to. Apply before FSDP (``apply_fsdp(..., experts=expert_modules(model),
 expert_mesh=ParallelState.expert_fsdp_mesh)``) and before loading weights.
 
-The names are those of transformers v5 (and of Loom's v5 ports), the same for every
+The names are those of transformers v5 (and of Loom's ports, v4 and v5), the same for every
 port that keeps upstream's ``model.layers[i].mlp.experts`` (qwen3_moe, mixtral):
 ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]``.
 """

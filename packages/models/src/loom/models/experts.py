@@ -6,7 +6,8 @@ expert-parallel.
 layout of transformers v5's ``<Prefix>Experts`` (``Qwen3MoeExperts``, ``MixtralExperts``),
 so v5 state dicts load unchanged. Each port subclasses ``StackedExperts`` with the
 upstream constructor ``__init__(self, config)``, reading the sizes from its own config
-fields, and ``replace_class`` puts the subclass where upstream's class stood.
+fields, and ``replace_class`` puts the subclass where upstream's class stood (v5); the v4
+ports' MoE blocks build it in place of v4's ``nn.ModuleList`` of per-expert MLPs.
 
 ``config._moe_implementation`` picks the compute:
 
@@ -78,6 +79,14 @@ class StackedExperts(nn.Module):
                 f"moe_implementation 'fused' computes SwiGLU; hidden_act is {self.hidden_act!r} "
                 "(use moe_implementation='eager')"
             )
+
+    def init_normal_(self, std: float) -> None:
+        """Both stacked tensors ~ N(0, std), as v5's ``_init_weights`` draws upstream's
+        experts; the v4 ports call it from their MoE block's ``__init__`` (v4's
+        ``_init_weights`` knows no stacked parameters). Through ``nn.init``, so HF's
+        ``no_init_weights`` (``from_pretrained``) skips it."""
+        nn.init.normal_(self.gate_up_proj, mean=0.0, std=std)
+        nn.init.normal_(self.down_proj, mean=0.0, std=std)
 
     def forward(
         self,

@@ -1,5 +1,7 @@
-"""The MoE ports' load-balancing aux loss: upstream's (Switch Transformer, eqs. 4-6, as
-transformers v5 writes it), over the whole sequence under sequence parallelism.
+"""The MoE ports' losses: the load-balancing aux loss, upstream's (Switch Transformer,
+eqs. 4-6, as transformers v4 and v5 write it), over the whole sequence under sequence
+parallelism; and ``moe_causal_lm_output``, the tail of every MoE port's
+``ForCausalLM.forward`` (both majors): fused cross-entropy plus the scaled aux loss.
 
 The loss is ``num_experts * sum_e f_e * P_e`` with ``f_e`` the share of routing slots
 that picked expert ``e`` and ``P_e`` its mean router probability, both over every token
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 
 from loom.dist.ulysses import sum_over_ranks
 from loom.models.attention import sequence_parallel_group
+from loom.models.loss import causal_lm_loss
 
 
 def load_balancing_loss_func(
@@ -53,3 +56,51 @@ def load_balancing_loss_func(
         slots, rows = (sum_over_ranks(t.detach(), group) for t in (slots, rows))
         probs = sum_over_ranks(probs, group)
     return torch.sum((slots / rows) * (probs / rows).unsqueeze(0)) * num_experts
+
+
+def moe_causal_lm_output(
+    model,
+    outputs,
+    labels: torch.Tensor | None,
+    shift_labels: torch.Tensor | None,
+    num_items_in_batch: int | float | torch.Tensor | None,
+    logits_to_keep: int | torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    output_router_logits: bool,
+    aux_loss_scale: float,
+):
+    """``MoeCausalLMOutputWithPast`` from the decoder's ``outputs``: the hidden states
+    sliced by ``logits_to_keep``; the fused loss when there are labels (``labels`` HF-style
+    or already aligned ``shift_labels``), else the logits; with ``output_router_logits``
+    the aux loss, added to the loss times ``aux_loss_scale * model.router_aux_loss_coef``
+    only when it is a tensor (without router logits it is the int 0: ``aux_loss`` None)."""
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+    hidden_states = outputs.last_hidden_state
+    keep = logits_to_keep
+    hidden_states = hidden_states[:, slice(-keep, None) if isinstance(keep, int) else keep, :]
+    loss, logits = None, None
+    if labels is not None or shift_labels is not None:
+        weight = model.lm_head.weight
+        loss = causal_lm_loss(hidden_states, weight, labels, shift_labels, num_items_in_batch)
+    else:
+        logits = model.lm_head(hidden_states)
+    aux_loss = None
+    if output_router_logits:
+        aux_loss = load_balancing_loss_func(
+            outputs.router_logits, model.num_experts, model.num_experts_per_tok, attention_mask
+        )
+        if not isinstance(aux_loss, torch.Tensor):
+            aux_loss = None
+        elif loss is not None:  # out of place: upstream's `loss +=` is in place
+            scaled = aux_loss_scale * model.router_aux_loss_coef
+            loss = loss + scaled * aux_loss.to(loss.device)
+    return MoeCausalLMOutputWithPast(
+        loss=loss,
+        aux_loss=aux_loss,
+        logits=logits,
+        past_key_values=outputs.past_key_values,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+        router_logits=outputs.router_logits,
+    )

@@ -1,4 +1,4 @@
-"""Mixtral port (transformers v5): upstream's modeling code with Loom's stacked experts
+"""Mixtral port (transformers v4 and v5): upstream's modeling code with Loom's stacked experts
 (eager, fused, expert-parallel), kernels and loss (see generated/);
 ``loom.models.expert_plan`` shards the experts over the ``ep`` mesh;
 ``converter.MixtralConverter`` reads HF's per-expert ``block_sparse_moe`` checkpoints

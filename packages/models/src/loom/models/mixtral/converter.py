@@ -13,6 +13,10 @@ v5's own saves hold the same keys):
     model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight   [I, H]  (up)
     model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight   [H, I]  (down)
 
+transformers 4.57 holds the same keys in memory (``block_sparse_moe.experts`` is an
+``nn.ModuleList`` of ``MixtralBlockSparseTop2MLP``) and its ``save_pretrained`` writes them
+unchanged.
+
 The stacking, the renaming and their inverse are ``loom.models.expert_checkpoint``'s.
 """
 

@@ -8,7 +8,8 @@ from loom.models.experts import StackedExperts, moe_implementation
 
 
 class MixtralStackedExperts(StackedExperts):
-    """Drop-in for v5's ``MixtralExperts``."""
+    """Drop-in for v5's ``MixtralExperts``; the v4 port's ``MixtralSparseMoeBlock`` builds
+    it in place of v4's ``nn.ModuleList`` of ``MixtralBlockSparseTop2MLP``."""
 
     def __init__(self, config) -> None:
         super().__init__(

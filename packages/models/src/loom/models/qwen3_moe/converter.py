@@ -10,6 +10,9 @@ by default, so both the Hub checkpoints and v5's own saves hold per-expert keys)
     model.layers.{i}.mlp.experts.{j}.up_proj.weight    [I, H]
     model.layers.{i}.mlp.experts.{j}.down_proj.weight  [H, I]
 
+transformers 4.57 holds the same keys in memory (``Qwen3MoeSparseMoeBlock.experts`` is an
+``nn.ModuleList`` of ``Qwen3MoeMLP``) and its ``save_pretrained`` writes them unchanged.
+
 The stacking and its inverse are ``loom.models.expert_checkpoint``'s.
 """
 

@@ -8,7 +8,8 @@ from loom.models.experts import StackedExperts, moe_implementation
 
 
 class Qwen3MoeStackedExperts(StackedExperts):
-    """Drop-in for v5's ``Qwen3MoeExperts``."""
+    """Drop-in for v5's ``Qwen3MoeExperts``; the v4 port's ``Qwen3MoeSparseMoeBlock``
+    builds it in place of v4's ``nn.ModuleList`` of ``Qwen3MoeMLP``."""
 
     def __init__(self, config) -> None:
         super().__init__(

@@ -72,7 +72,7 @@ from loom.models.mixtral.experts import MixtralStackedExperts as MixtralExperts
 
 # [PATCHED by loom.patchgen: added by the patch config]
 from loom.kernels import apply_rotary
-from loom.models.loss import causal_lm_loss
+from loom.models.moe_loss import moe_causal_lm_output
 
 
 class MixtralTopKRouter(nn.Module):
@@ -458,15 +458,16 @@ class MixtralForCausalLM(MixtralPreTrainedModel, GenerationMixin):
     # [PATCHED by loom.patchgen: fused linear cross-entropy; logits only without labels; guarded aux loss]
     # ================================================================
     # Patch: <Prefix>ForCausalLM.forward
-    # 1. the loss is a fused linear cross-entropy over the (logits_to_keep-sliced) hidden
-    #    states: the [tokens, vocab] logits are never materialised when there are labels.
-    #    `shift_labels` (already aligned, as Loom's data pipeline gives them) or HF-style
-    #    `labels`; `num_items_in_batch` divides the summed loss
-    # 2. logits are computed only without labels (generation, evaluation)
-    # 3. the load-balancing aux loss is added with its coefficient only when it is a
-    #    tensor: upstream's helper returns the int 0 without router logits, and
-    #    `0.to(...)` would raise; the sum is out of place
-    # 4. `aux_loss_scale` weighs the aux term: Loom's trainer passes 1 / (micro-batches per
+    # 1. Loom's arguments are taken out of kwargs before the decoder: `shift_labels`
+    #    (already aligned, as Loom's data pipeline gives them) and `num_items_in_batch`
+    #    (divides the summed loss)
+    # 2. the tail is loom.models.moe_loss.moe_causal_lm_output: the loss a fused linear
+    #    cross-entropy over the (logits_to_keep-sliced) hidden states, so the [tokens, vocab]
+    #    logits are never materialised when there are labels (`shift_labels` or HF-style
+    #    `labels`), and logits only without labels; the load-balancing aux loss added with
+    #    its coefficient only when it is a tensor (upstream's helper returns the int 0
+    #    without router logits, and `0.to(...)` would raise), out of place
+    # 3. `aux_loss_scale` weighs the aux term: Loom's trainer passes 1 / (micro-batches per
     #    rank), so a step's aux loss is the mean over all its micro-batches on all ranks,
     #    the same for a single process with accumulation and for data/expert parallelism
     # ================================================================
@@ -493,9 +494,9 @@ class MixtralForCausalLM(MixtralPreTrainedModel, GenerationMixin):
         shift_labels = kwargs.pop("shift_labels", None)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         # --- Patch.1 ---
-        # --- Patch.4 ---
+        # --- Patch.3 ---
         aux_loss_scale = kwargs.pop("aux_loss_scale", 1.0)
-        # --- Patch.4 ---
+        # --- Patch.3 ---
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
@@ -509,44 +510,19 @@ class MixtralForCausalLM(MixtralPreTrainedModel, GenerationMixin):
             output_router_logits=output_router_logits,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        hidden_states = hidden_states[:, slice_indices, :]
-        loss, logits = None, None
-        # --- Patch.1 ---
-        if labels is not None or shift_labels is not None:
-            loss = causal_lm_loss(hidden_states, self.lm_head.weight, labels, shift_labels, num_items_in_batch)
-        # --- Patch.1 ---
         # --- Patch.2 ---
-        else:
-            logits = self.lm_head(hidden_states)
-        # --- Patch.2 ---
-        aux_loss = None
-        if output_router_logits:
-            aux_loss = load_balancing_loss_func(  # noqa: F821 (upstream's, in the generated module)
-                outputs.router_logits,
-                self.num_experts,
-                self.num_experts_per_tok,
-                attention_mask,
-            )
-            # --- Patch.3 ---
-            if not isinstance(aux_loss, torch.Tensor):
-                aux_loss = None
-            elif loss is not None:
-                # --- Patch.4 ---
-                scaled = aux_loss_scale * self.router_aux_loss_coef
-                # --- Patch.4 ---
-                loss = loss + scaled * aux_loss.to(loss.device)
-            # --- Patch.3 ---
-        return MoeCausalLMOutputWithPast(
-            loss=loss,
-            aux_loss=aux_loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            router_logits=outputs.router_logits,
+        return moe_causal_lm_output(
+            self,
+            outputs,
+            labels,
+            shift_labels,
+            num_items_in_batch,
+            logits_to_keep,
+            attention_mask,
+            output_router_logits,
+            aux_loss_scale,
         )
+        # --- Patch.2 ---
 
 
 class MixtralForSequenceClassification(GenericForSequenceClassification, MixtralPreTrainedModel):
