@@ -391,6 +391,19 @@ def test_upstream_save_and_port_export_are_the_same_checkpoint(name, tmp_path):
         torch.testing.assert_close(back(input_ids=ids).logits, want, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_build_model_pretrained_reads_upstream_checkpoints(name, tmp_path):
+    """build_model(init="pretrained") on upstream's save_pretrained output (per-expert keys
+    under v4 and on disk in v5) gives upstream's logits: the port's converter is used."""
+    hf = reference(name)
+    hf.save_pretrained(tmp_path)
+    model = build_model(tmp_path, attn_implementation="eager", init="pretrained")
+    ids, _ = batch(3)
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=RTOL, atol=ATOL)
+
+
 # ---------------------------------------------------------------- expert parallelism
 
 

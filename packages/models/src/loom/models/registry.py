@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from loom.dist.loading import load_safetensors
 from loom.models import attention
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,15 @@ def build_model(
     if init == "pretrained":
         if isinstance(source, PretrainedConfig | dict):
             raise ValueError("init='pretrained' needs a model directory, not a config")
-        model = cls.from_pretrained(source, config=config, **kwargs)
+        converter = port_hooks(config.model_type).converter if is_port else None
+        if converter is None:
+            model = cls.from_pretrained(source, config=config, **kwargs)
+        else:
+            # HF's loader does not know the port's layout (stacked experts): it would leave
+            # those parameters freshly initialised. Read through the port's converter, as
+            # the trainer does.
+            model = cls._from_config(config, **kwargs)
+            load_safetensors(model, Path(source), converter(config))
     else:
         model = cls._from_config(config, **kwargs)
     model.loom_port = is_port  # a port takes shift_labels / num_items_in_batch, fused loss
