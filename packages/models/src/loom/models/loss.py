@@ -44,15 +44,9 @@ def causal_lm_output(model, outputs, labels, shift_labels, num_items_in_batch, l
     by ``logits_to_keep``, then the fused loss when there are labels, else the logits."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    hidden_states = outputs.last_hidden_state
-    keep = logits_to_keep
-    hidden_states = hidden_states[:, slice(-keep, None) if isinstance(keep, int) else keep, :]
-    loss, logits = None, None
-    if labels is not None or shift_labels is not None:
-        weight = model.lm_head.weight
-        loss = causal_lm_loss(hidden_states, weight, labels, shift_labels, num_items_in_batch)
-    else:
-        logits = model.lm_head(hidden_states)
+    loss, logits = loss_or_logits(
+        model, outputs, labels, shift_labels, num_items_in_batch, logits_to_keep
+    )
     return CausalLMOutputWithPast(
         loss=loss,
         logits=logits,
@@ -60,3 +54,15 @@ def causal_lm_output(model, outputs, labels, shift_labels, num_items_in_batch, l
         hidden_states=outputs.hidden_states,
         attentions=outputs.attentions,
     )
+
+
+def loss_or_logits(model, outputs, labels, shift_labels, num_items_in_batch, logits_to_keep):
+    """(loss, None) with labels, else (None, logits), from the decoder's last hidden states
+    sliced by ``logits_to_keep``: the part every causal-LM head of the ports shares."""
+    hidden_states = outputs.last_hidden_state
+    keep = logits_to_keep
+    hidden_states = hidden_states[:, slice(-keep, None) if isinstance(keep, int) else keep, :]
+    if labels is None and shift_labels is None:
+        return None, model.lm_head(hidden_states)
+    weight = model.lm_head.weight
+    return causal_lm_loss(hidden_states, weight, labels, shift_labels, num_items_in_batch), None

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from loom.dist.ulysses import sum_over_ranks
 from loom.models.attention import sequence_parallel_group
-from loom.models.loss import causal_lm_loss
+from loom.models.loss import loss_or_logits
 
 
 def load_balancing_loss_func(
@@ -76,15 +76,9 @@ def moe_causal_lm_output(
     only when it is a tensor (without router logits it is the int 0: ``aux_loss`` None)."""
     from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-    hidden_states = outputs.last_hidden_state
-    keep = logits_to_keep
-    hidden_states = hidden_states[:, slice(-keep, None) if isinstance(keep, int) else keep, :]
-    loss, logits = None, None
-    if labels is not None or shift_labels is not None:
-        weight = model.lm_head.weight
-        loss = causal_lm_loss(hidden_states, weight, labels, shift_labels, num_items_in_batch)
-    else:
-        logits = model.lm_head(hidden_states)
+    loss, logits = loss_or_logits(
+        model, outputs, labels, shift_labels, num_items_in_batch, logits_to_keep
+    )
     aux_loss = None
     if output_router_logits:
         aux_loss = load_balancing_loss_func(
