@@ -59,7 +59,8 @@ def unpermute_tokens(
 ) -> torch.Tensor:
     """[tokens * top_k, H] -> [tokens, H]: sum over k of ``routing_weights[t, k]`` times the row."""
     tokens, top_k = routing_weights.shape
-    per_slot = expert_out[routing.inverse].view(tokens, top_k, -1)  # a permutation: no atomics
+    per_slot = _GatherPermutation.apply(expert_out, routing.inverse, routing.source_slot)
+    per_slot = per_slot.view(tokens, top_k, -1)
     weights = routing_weights.to(expert_out.dtype).unsqueeze(1)  # [tokens, 1, top_k]
     return torch.bmm(weights, per_slot).squeeze(1)  # fp32 accumulation inside the GEMM
 
@@ -220,3 +221,19 @@ class _GroupedMMFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dw = kernels.grouped_weight_grad(dout, x, group_ends, weight.dtype)
         return dx, dw, None
+
+
+class _GatherPermutation(torch.autograd.Function):
+    """``x[order]`` for a permutation ``order`` whose inverse is known: the backward is the
+    gather by the inverse, not autograd's scatter-add (index_put with accumulate sorts the
+    indices on every call and took ~0.2 ms per MoE layer on an H200)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse_order):
+        ctx.save_for_backward(inverse_order)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (inverse_order,) = ctx.saved_tensors
+        return grad_out.index_select(0, inverse_order), None, None
