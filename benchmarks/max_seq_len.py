@@ -1,10 +1,12 @@
-"""The longest sequence each system trains at batch 1 on one GPU (binary search).
+"""The longest sequence each system trains at batch 1 on one GPU.
 
-    python benchmarks/max_seq_len.py --shape qwen3-1.7b --systems hf,liger,loom [--ac]
+    python benchmarks/max_seq_len.py --shape qwen3-1.7b --systems liger,loom --ac \
+        [--memory-gib 79.6]
 
 A length "fits" when two full training steps (forward, backward, optimizer) run
 without a CUDA out-of-memory error. Each probe is its own process, so a failed probe
-leaves nothing behind. The search runs over multiples of ``--granularity`` tokens.
+leaves nothing behind. Lengths are multiples of ``--granularity`` tokens; the search
+starts from the length two short probes predict (see ``longest``).
 """
 
 from __future__ import annotations
@@ -18,29 +20,53 @@ from pathlib import Path
 THROUGHPUT = Path(__file__).with_name("train_throughput.py")
 
 
-def fits(system: str, shape: str, seq: int, ac: bool) -> bool:
+def probe(system: str, shape: str, seq: int, ac: bool, memory_gib: float | None) -> dict | None:
+    """One process training two steps at ``seq``: its result row, or None on OOM."""
     command = [sys.executable, str(THROUGHPUT), "--system", system, "--shape", shape]
     command += ["--seq", str(seq), "--steps", "1", "--warmup", "1"] + (["--ac"] if ac else [])
+    command += ["--memory-gib", str(memory_gib)] if memory_gib else []
     done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode == 0 and "RESULT " in done.stdout:
-        return True
+    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    if done.returncode == 0 and lines:
+        return json.loads(lines[0][len("RESULT ") :])
     if "out of memory" in (done.stderr + done.stdout).lower():
-        return False
+        return None
     raise RuntimeError(f"{system} at {seq} failed for another reason:\n{done.stderr[-2000:]}")
 
 
-def longest(system: str, shape: str, ac: bool, low: int, high: int, step: int) -> int:
-    """Largest multiple of ``step`` in [low, high] that fits (0 when ``low`` does not)."""
-    if not fits(system, shape, low, ac):
-        return 0
-    lo, hi = low // step, high // step
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fits(system, shape, mid * step, ac):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo * step
+def longest(
+    system: str, shape: str, ac: bool, low: int, step: int, memory_gib: float | None
+) -> tuple[int, list[dict]]:
+    """Largest multiple of ``step`` that fits (0 when ``low`` does not), and the probes.
+
+    Peak memory grows linearly with the sequence (flash-style attention; checkpointing
+    keeps one input per layer), so two short probes predict the longest length and the
+    search walks from that prediction to the first length that does not fit, instead of
+    bisecting through long, slow probes.
+    """
+    probes = []
+
+    def run(seq: int) -> bool:
+        row = probe(system, shape, seq, ac, memory_gib)
+        probes.append({"seq": seq, "fits": row is not None, **(row or {})})
+        print(json.dumps(probes[-1]), flush=True)
+        return row is not None
+
+    if not run(low) or not run(2 * low):
+        return (low if probes[0]["fits"] else 0), probes
+    a, b = probes[0]["peak_memory_gib"], probes[1]["peak_memory_gib"]
+    capacity = memory_gib or probes[0]["device_memory_gib"]
+    predicted = 2 * low + (capacity - b) / max((b - a) / low, 1e-9)
+    seq = max(2 * low, int(predicted) // step * step)
+    if run(seq):
+        while run(seq + step):
+            seq += step
+        return seq, probes
+    while seq - step > 2 * low:
+        seq -= step
+        if run(seq):
+            return seq, probes
+    return 2 * low, probes
 
 
 def main() -> None:
@@ -48,15 +74,19 @@ def main() -> None:
     parser.add_argument("--shape", default="qwen3-1.7b")
     parser.add_argument("--systems", default="hf,liger,loom")
     parser.add_argument("--ac", action="store_true", help="activation checkpointing")
-    parser.add_argument("--low", type=int, default=4096)
-    parser.add_argument("--high", type=int, default=262144)
-    parser.add_argument("--granularity", type=int, default=4096)
+    parser.add_argument("--low", type=int, default=16384, help="first probe (then twice it)")
+    parser.add_argument("--granularity", type=int, default=16384)
+    parser.add_argument(
+        "--memory-gib", type=float, help="cap GPU memory (79.6: an H100 80GB on a larger GPU)"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     for system in args.systems.split(","):
-        seq = longest(system, args.shape, args.ac, args.low, args.high, args.granularity)
+        seq, probes = longest(
+            system, args.shape, args.ac, args.low, args.granularity, args.memory_gib
+        )
         row = {"system": system, "shape": args.shape, "activation_checkpointing": args.ac}
-        row["max_seq_len"] = seq
+        row |= {"memory_gib": args.memory_gib, "max_seq_len": seq, "probes": probes}
         print(json.dumps(row), flush=True)
         if args.out:
             with args.out.open("a") as f:

@@ -67,13 +67,15 @@ def hf_step_fn(model, tokens, accum: int):
     return step
 
 
-def loom_step_fn(model, tokens, activation_checkpointing: bool, accum: int = 1):
+def loom_step_fn(
+    model, tokens, activation_checkpointing: bool, accum: int = 1, compile: bool = False
+):
     import numpy as np
 
     from loom.dist.mesh import init_parallel
     from loom.trainer.data.packing import build_row
     from loom.trainer.data.samples import shift_labels
-    from loom.trainer.model import enable_activation_checkpointing
+    from loom.trainer.model import compile_decoder_layers, enable_activation_checkpointing
     from loom.trainer.optim import build_optimizer
     from loom.trainer.run import shard_model
     from loom.trainer.train import forward_backward
@@ -81,6 +83,8 @@ def loom_step_fn(model, tokens, activation_checkpointing: bool, accum: int = 1):
     parallel = init_parallel()
     if activation_checkpointing:
         enable_activation_checkpointing(model)
+    if compile:
+        compile_decoder_layers(model)
     shard_model(model, parallel)
     optimizer = build_optimizer(model, 1e-5, (0.9, 0.95), 1e-8, 0.0, parallel.device)
     ids = tokens[0].cpu().numpy()
@@ -99,6 +103,9 @@ def run_one(args) -> dict:
     from loom.trainer.flops import flop_model, peak_flops
 
     device = torch.device("cuda")
+    if args.memory_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2**30 / total))
     torch.manual_seed(0)
     experts = "eager" if args.system == "hf-eager" else None
     model = random_model(args.shape, device, loom=args.system == "loom", experts=experts)
@@ -111,7 +118,7 @@ def run_one(args) -> dict:
     if args.system != "loom" and args.ac:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.system == "loom":
-        step = loom_step_fn(model, tokens, args.ac, args.accum)
+        step = loom_step_fn(model, tokens, args.ac, args.accum, args.compile)
     else:
         step = hf_step_fn(model, tokens, args.accum)
     times = []
@@ -130,10 +137,22 @@ def run_one(args) -> dict:
         "seq": args.seq,
         "accum": args.accum,
         "activation_checkpointing": args.ac,
+        "compile": args.compile,
         "tokens_per_s": args.seq * args.accum / seconds,
         "mfu": flops / seconds / peak_flops(device, None),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "device_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30,
         "step_s": seconds,
+        **(compile_stats() if args.compile else {}),
+    }
+
+
+def compile_stats() -> dict:
+    from torch._dynamo.utils import counters
+
+    return {
+        "compiled_graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
     }
 
 
@@ -144,8 +163,12 @@ def main() -> None:
     parser.add_argument("--systems", default="hf,liger,loom")
     parser.add_argument("--system", help=argparse.SUPPRESS)  # set for the child processes
     parser.add_argument("--ac", action="store_true", help="activation checkpointing")
+    parser.add_argument("--compile", action="store_true", help="loom: torch.compile the layers")
     parser.add_argument(
         "--accum", type=int, default=1, help="rows of --seq tokens per optimizer step"
+    )
+    parser.add_argument(
+        "--memory-gib", type=float, help="cap this process's GPU memory (a smaller GPU's size)"
     )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)

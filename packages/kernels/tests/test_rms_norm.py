@@ -90,3 +90,18 @@ def test_strided_input(triton_device, assert_close, layout):
     for g, r in zip(got, want, strict=True):
         assert g.shape == r.shape
         assert_close(g, r, torch.float32)
+
+
+
+def test_inside_torch_compile_auto_picks_the_reference(triton_device):
+    # Inductor fuses the reference with its neighbours; eager picks Triton.
+    def marked(x):
+        return x + (1.0 if dispatch.choose_backend(x) == "torch" else 2.0)
+
+    x = torch.zeros(3, device=triton_device)
+    assert marked(x).tolist() == [2.0] * 3
+    compiled = torch.compile(marked, backend="eager", fullgraph=True)
+    assert compiled(x).tolist() == [1.0] * 3
+    x, w = torch.randn(4, 64, device=triton_device), torch.randn(64, device=triton_device)
+    compiled = torch.compile(lambda x, w: rms_norm(x, w, 1e-6), backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, w), rms_norm_reference(x, w, 1e-6))

@@ -11,7 +11,12 @@ from loom.dist.mesh import destroy_parallel, init_parallel
 from loom.trainer.data.packing import build_row
 from loom.trainer.data.samples import shift_labels
 from loom.trainer.errors import LoomError
-from loom.trainer.model import build_model, decoder_layers, enable_activation_checkpointing
+from loom.trainer.model import (
+    build_model,
+    compile_decoder_layers,
+    decoder_layers,
+    enable_activation_checkpointing,
+)
 from loom.trainer.train import StepResult, forward_backward, rank_share, should_skip
 
 
@@ -83,6 +88,59 @@ def test_loss_is_the_global_token_mean(parallel, tiny_model_dir):
     got = grads(model)
     for name, p in reference.named_parameters():
         torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def plain_loss(model, batch, tokens):
+    total = 0.0
+    for r in batch:
+        logits = model(
+            input_ids=torch.from_numpy(r.input_ids)[None],
+            position_ids=torch.from_numpy(r.position_ids)[None],
+        ).logits[0]
+        total += torch.nn.functional.cross_entropy(
+            logits, torch.from_numpy(r.labels), ignore_index=-100, reduction="sum"
+        )
+    return total / tokens
+
+
+def test_accumulated_steps_see_each_update(parallel, tiny_model_dir):
+    # At fsdp size 1 the gathered parameters stay between micro-batches; after the last
+    # one they must be dropped, or the next step would run on the weights before the update.
+    torch.manual_seed(0)
+    model = build_model(tiny_model_dir)
+    reference = build_model(tiny_model_dir)
+    reference.load_state_dict(model.state_dict())
+    apply_fsdp(model, decoder_layers(model), parallel.fsdp_mesh, mixed_precision(parallel.device))
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, reference)]
+    batch = rows(4)
+    tokens = sum(r.loss_tokens for r in batch)
+    for step in range(3):
+        loss = forward_backward(model, rank_share(batch, 0, 1, 1), tokens, parallel)
+        expected = plain_loss(reference, batch, tokens)
+        expected.backward()
+        assert loss == pytest.approx(expected.item(), rel=1e-5), step
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad()
+
+
+def test_compiled_layers_change_nothing(parallel, tiny_model_dir):
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tiny_model_dir)
+        if compiled:
+            compile_decoder_layers(model)
+        apply_fsdp(
+            model, decoder_layers(model), parallel.fsdp_mesh, mixed_precision(parallel.device)
+        )
+        batch = rows()
+        tokens = sum(r.loss_tokens for r in batch)
+        loss = forward_backward(model, rank_share(batch, 0, 1, 2), tokens, parallel)
+        results.append((loss, grads(model)))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_nan_policy():

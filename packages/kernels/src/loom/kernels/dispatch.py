@@ -2,7 +2,8 @@
 
 Triton runs when triton is importable and the tensors are on CUDA, or when
 ``TRITON_INTERPRET=1`` is set (Triton's interpreter, for CPU tests). Everything else
-runs the plain-torch reference. ``LOOM_KERNELS_BACKEND=torch`` (or ``backend="torch"``
+runs the plain-torch reference, as it does inside ``torch.compile`` (Inductor fuses the
+reference with its neighbours). ``LOOM_KERNELS_BACKEND=torch`` (or ``backend="torch"``
 on any op) forces the reference; ``"triton"`` forces the kernel and fails loudly
 where it cannot run. Attention and grouped GEMM pick among library kernels (and, for
 grouped GEMM, a Triton kernel) by the same env var and argument; their rules live here
@@ -85,6 +86,10 @@ def choose_backend(*tensors: torch.Tensor, backend: str | None = None) -> Backen
     """Pick ``"triton"`` or ``"torch"`` for an op over ``tensors`` (see the module doc)."""
     # Every op call in a training step asks this: answer the usual case (no override,
     # CUDA tensors) before any validation or message building.
+    if backend is None and torch.compiler.is_compiling():
+        # Under torch.compile the reference is the better kernel: Inductor fuses it with
+        # the ops around it, where a Triton launch from Python would split the graph.
+        return "torch"
     usual = backend is None and BACKEND_ENV not in os.environ and triton_available()
     if usual and all(t.is_cuda for t in tensors):
         return "triton"

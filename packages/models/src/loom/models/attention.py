@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 from loom.kernels import varlen_attention
 
@@ -133,13 +132,13 @@ def loom_varlen(module, query, key, value, attention_mask, **kwargs):
     return _loom_attention(module, query, key, value, attention_mask, use_sdpa=False, **kwargs)
 
 
-def _no_mask(*args, **kwargs) -> None:
-    # Boundaries travel as cu_seqlens / position ids; no dense mask is ever built.
-    return None
-
-
 def register() -> None:
-    """Make ``attn_implementation="loom_sdpa"`` / ``"loom_varlen"`` valid."""
+    """Make ``attn_implementation="loom_sdpa"`` / ``"loom_varlen"`` valid.
+
+    No mask function is registered: for an implementation without one, transformers'
+    ``create_causal_mask`` returns the (absent) attention mask at once. With one, it
+    first scans the position ids for packed samples and waits on the GPU for the answer,
+    once per forward, though boundaries travel here as cu_seqlens / position ids.
+    """
     for name, fn in zip(LOOM_ATTENTION, (loom_sdpa, loom_varlen), strict=True):
         AttentionInterface.register(name, fn)
-        AttentionMaskInterface.register(name, _no_mask)

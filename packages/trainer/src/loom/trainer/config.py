@@ -82,6 +82,9 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, ge=0, description="max total grad norm; 0 turns clipping off")
     activation_checkpointing: bool = False
     ac_every: int = Field(1, gt=0, description="checkpoint every n-th decoder layer")
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (fuses the elementwise ops)"
+    )
     nan_policy: Literal["skip", "stop"] = Field(
         "stop", description="on a non-finite loss or grad norm: skip the update, or stop"
     )

@@ -69,3 +69,11 @@ def enable_activation_checkpointing(model: nn.Module, every: int = 1) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for index, layer in enumerate(decoder_layers(model)):
         layer.gradient_checkpointing = index % every == 0
+
+
+def compile_decoder_layers(model: nn.Module) -> None:
+    """``torch.compile`` each decoder layer's forward. The hooks around the call (FSDP's
+    gather and reshard, activation checkpointing) stay eager; the layers share one code
+    object, so they share the compiled graph instead of compiling once each."""
+    for layer in decoder_layers(model):
+        layer.forward = torch.compile(layer.forward)

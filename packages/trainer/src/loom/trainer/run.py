@@ -28,6 +28,7 @@ from loom.trainer.flops import FlopModel, flop_model, peak_flops
 from loom.trainer.metrics import MetricsLog, read_metrics
 from loom.trainer.model import (
     build_model,
+    compile_decoder_layers,
     decoder_layers,
     enable_activation_checkpointing,
     has_weights,
@@ -137,9 +138,13 @@ def shard_model(
             f"parallel.ep_size={parallel.ep_size}, but {model.config.model_type} has no "
             "Loom port with experts to spread; use ep_size 1"
         )
+    # One rank keeps whole parameters all step (nothing to reshard after forward or
+    # between micro-batches), so groups per layer would save no memory and only add
+    # hooks, copies and launches per layer: one group for the whole model instead.
+    one_group = parallel.fsdp_size == 1 and not cpu_offload
     apply_fsdp(
         model,
-        decoder_layers(model),
+        [] if one_group else decoder_layers(model),
         parallel.fsdp_mesh,
         mixed_precision(parallel.device),
         # One rank holds whole parameters anyway: freeing them after forward only adds
@@ -165,6 +170,8 @@ def build_sharded_model(config: Config, parallel: ParallelState) -> nn.Module:
     model = build_model(config.model.path, config.model.attn_implementation, meta=pretrained)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(model, config.train.ac_every)
+    if config.train.compile:
+        compile_decoder_layers(model)
     if not pretrained:
         model.to(parallel.device)
     shard_model(model, parallel, config.parallel.reshard_after_forward, config.parallel.cpu_offload)

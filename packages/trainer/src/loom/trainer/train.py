@@ -84,6 +84,21 @@ class StepResult:
     loss_tokens: int
 
 
+def to_device(rows: list[Row], device: torch.device, sp_group) -> dict[str, torch.Tensor]:
+    """A micro-batch's tensors on ``device``: this SP rank's slice of ``[rows, seq]``
+    (boundaries stay whole-row). Copied from pinned memory without waiting: a copy from
+    pageable memory would make the host wait for the GPU to finish the work queued
+    before it, once per tensor."""
+    pin = device.type == "cuda"
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return (t.pin_memory() if pin else t).to(device, non_blocking=pin)
+
+    batch = {k: slice_input(move(v), 1, sp_group) for k, v in stack_rows(rows).items()}
+    cu_seqlens, longest = boundaries(rows)
+    return batch | varlen_kwargs(move(cu_seqlens), longest)
+
+
 def forward_backward(
     model: nn.Module, micro: list[list[Row]], loss_tokens: int, parallel: ParallelState
 ) -> float:
@@ -96,15 +111,15 @@ def forward_backward(
     """
     num_items = max(loss_tokens, 1) / parallel.fsdp_size
     total = torch.zeros((), device=parallel.device)
-    for i, rows in enumerate(micro):
-        # [rows, seq] -> [rows, seq/sp]: this SP rank's slice; boundaries stay whole-row
-        batch = {
-            k: slice_input(v.to(parallel.device), 1, parallel.sp_group)
-            for k, v in stack_rows(rows).items()
-        }
-        cu_seqlens, longest = boundaries(rows)
-        batch |= varlen_kwargs(cu_seqlens.to(parallel.device), longest)
-        model.set_requires_gradient_sync(i == len(micro) - 1)  # reduce once per step
+    batches = [to_device(rows, parallel.device, parallel.sp_group) for rows in micro]
+    for i, batch in enumerate(batches):
+        last = i == len(micro) - 1
+        model.set_requires_gradient_sync(last)  # reduce once per step
+        if parallel.fsdp_size == 1:
+            # One rank holds whole parameters anyway: keep the gathered copy for the next
+            # micro-batch instead of gathering it again (resharded after the last, so the
+            # optimizer's update reaches the next step's copy).
+            model.set_reshard_after_backward(last)
         loss = micro_step_loss(model, batch, num_items, len(micro))
         loss.backward()
         total += loss.detach()
