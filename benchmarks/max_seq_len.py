@@ -35,14 +35,21 @@ def probe(system: str, shape: str, seq: int, ac: bool, memory_gib: float | None)
 
 
 def longest(
-    system: str, shape: str, ac: bool, low: int, step: int, memory_gib: float | None
+    system: str,
+    shape: str,
+    ac: bool,
+    low: int,
+    step: int,
+    memory_gib: float | None,
+    walk: bool = True,
 ) -> tuple[int, list[dict]]:
     """Largest multiple of ``step`` that fits (0 when ``low`` does not), and the probes.
 
     Peak memory grows linearly with the sequence (flash-style attention; checkpointing
     keeps one input per layer), so two short probes predict the longest length and the
     search walks from that prediction to the first length that does not fit, instead of
-    bisecting through long, slow probes.
+    bisecting through long, slow probes. Without ``walk``, a predicted length that fits
+    is returned as it is: a lower bound.
     """
     probes = []
 
@@ -59,7 +66,7 @@ def longest(
     predicted = 2 * low + (capacity - b) / max((b - a) / low, 1e-9)
     seq = max(2 * low, int(predicted) // step * step)
     if run(seq):
-        while run(seq + step):
+        while walk and run(seq + step):
             seq += step
         return seq, probes
     while seq - step > 2 * low:
@@ -79,14 +86,19 @@ def main() -> None:
     parser.add_argument(
         "--memory-gib", type=float, help="cap GPU memory (79.6: an H100 80GB on a larger GPU)"
     )
+    parser.add_argument(
+        "--no-walk", action="store_true", help="stop at a predicted length that fits (a bound)"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     for system in args.systems.split(","):
         seq, probes = longest(
-            system, args.shape, args.ac, args.low, args.granularity, args.memory_gib
-        )
+            system, args.shape, args.ac, args.low, args.granularity, args.memory_gib,
+            walk=not args.no_walk,
+        )  # fmt: skip
         row = {"system": system, "shape": args.shape, "activation_checkpointing": args.ac}
         row |= {"memory_gib": args.memory_gib, "max_seq_len": seq, "probes": probes}
+        row["lower_bound"] = args.no_walk and seq > 0
         print(json.dumps(row), flush=True)
         if args.out:
             with args.out.open("a") as f:
