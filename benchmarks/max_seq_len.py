@@ -6,7 +6,7 @@
 A length "fits" when two full training steps (forward, backward, optimizer) run
 without a CUDA out-of-memory error. Each probe is its own process, so a failed probe
 leaves nothing behind. Lengths are multiples of ``--granularity`` tokens; the search
-starts from the length two short probes predict (see ``longest``).
+bisects up to ``--high``, starting from the length two short probes predict.
 """
 
 from __future__ import annotations
@@ -39,41 +39,46 @@ def longest(
     shape: str,
     ac: bool,
     low: int,
+    high: int,
     step: int,
     memory_gib: float | None,
     walk: bool = True,
 ) -> tuple[int, list[dict]]:
-    """Largest multiple of ``step`` that fits (0 when ``low`` does not), and the probes.
+    """Largest multiple of ``step`` in [low, high] that fits (0 when ``low`` does not),
+    and the probes.
 
-    Peak memory grows linearly with the sequence (flash-style attention; checkpointing
-    keeps one input per layer), so two short probes predict the longest length and the
-    search walks from that prediction to the first length that does not fit, instead of
-    bisecting through long, slow probes. Without ``walk``, a predicted length that fits
-    is returned as it is: a lower bound.
+    A bisection whose first long probe is the length that two short probes predict
+    (peak memory taken as linear in the sequence), clamped to the range: long probes are
+    slow, and an out-of-memory one costs as much as one that fits. Without ``walk``, a
+    predicted length that fits is returned as it is: a lower bound.
     """
     probes = []
 
-    def run(seq: int) -> bool:
+    def fits(seq: int) -> bool:
         row = probe(system, shape, seq, ac, memory_gib)
         probes.append({"seq": seq, "fits": row is not None, **(row or {})})
         print(json.dumps(probes[-1]), flush=True)
         return row is not None
 
-    if not run(low) or not run(2 * low):
-        return (low if probes[0]["fits"] else 0), probes
+    if not fits(low):
+        return 0, probes
+    if not fits(2 * low):
+        return low, probes
+    lo, hi = 2 * low // step, high // step
     a, b = probes[0]["peak_memory_gib"], probes[1]["peak_memory_gib"]
     capacity = memory_gib or probes[0]["device_memory_gib"]
-    predicted = 2 * low + (capacity - b) / max((b - a) / low, 1e-9)
-    seq = max(2 * low, int(predicted) // step * step)
-    if run(seq):
-        while walk and run(seq + step):
-            seq += step
-        return seq, probes
-    while seq - step > 2 * low:
-        seq -= step
-        if run(seq):
-            return seq, probes
-    return 2 * low, probes
+    # Peaks equal at both lengths: a fixed cost dominates and the slope says nothing.
+    predicted = 2 * low + (capacity - b) * low / (b - a) if b > a else high
+    mid = min(max(int(predicted) // step, lo + 1), hi)
+    while lo < hi:
+        if fits(mid * step):
+            lo = mid
+            if not walk:
+                break
+        else:
+            hi = mid - 1
+        mid = (lo + hi + 1) // 2
+    return lo * step, probes
 
 
 def main() -> None:
@@ -82,6 +87,7 @@ def main() -> None:
     parser.add_argument("--systems", default="hf,liger,loom")
     parser.add_argument("--ac", action="store_true", help="activation checkpointing")
     parser.add_argument("--low", type=int, default=16384, help="first probe (then twice it)")
+    parser.add_argument("--high", type=int, default=262144, help="longest length probed")
     parser.add_argument("--granularity", type=int, default=16384)
     parser.add_argument(
         "--memory-gib", type=float, help="cap GPU memory (79.6: an H100 80GB on a larger GPU)"
@@ -93,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     for system in args.systems.split(","):
         seq, probes = longest(
-            system, args.shape, args.ac, args.low, args.granularity, args.memory_gib,
+            system, args.shape, args.ac, args.low, args.high, args.granularity, args.memory_gib,
             walk=not args.no_walk,
         )  # fmt: skip
         row = {"system": system, "shape": args.shape, "activation_checkpointing": args.ac}
