@@ -6,7 +6,8 @@
 A length "fits" when two full training steps (forward, backward, optimizer) run
 without a CUDA out-of-memory error. Each probe is its own process, so a failed probe
 leaves nothing behind. Lengths are multiples of ``--granularity`` tokens; the search
-bisects up to ``--high``, starting from the length two short probes predict.
+bisects up to ``--high``, starting from the length two short probes predict
+(``search``, which benchmarks/scaling.py shares).
 """
 
 from __future__ import annotations
@@ -34,18 +35,11 @@ def probe(system: str, shape: str, seq: int, ac: bool, memory_gib: float | None)
     raise RuntimeError(f"{system} at {seq} failed for another reason:\n{done.stderr[-2000:]}")
 
 
-def longest(
-    system: str,
-    shape: str,
-    ac: bool,
-    low: int,
-    high: int,
-    step: int,
-    memory_gib: float | None,
-    walk: bool = True,
+def search(
+    probe_fn, low: int, high: int, step: int, memory_gib: float | None, walk: bool = True
 ) -> tuple[int, list[dict]]:
-    """Largest multiple of ``step`` in [low, high] that fits (0 when ``low`` does not),
-    and the probes.
+    """Largest multiple of ``step`` in [low, high] at which ``probe_fn(seq)`` returns a row
+    (None: out of memory), 0 when ``low`` does not fit; and the probes.
 
     A bisection whose first long probe is the length that two short probes predict
     (peak memory taken as linear in the sequence), clamped to the range: long probes are
@@ -55,7 +49,7 @@ def longest(
     probes = []
 
     def fits(seq: int) -> bool:
-        row = probe(system, shape, seq, ac, memory_gib)
+        row = probe_fn(seq)
         probes.append({"seq": seq, "fits": row is not None, **(row or {})})
         print(json.dumps(probes[-1]), flush=True)
         return row is not None
@@ -66,10 +60,12 @@ def longest(
         return low, probes
     lo, hi = 2 * low // step, high // step
     a, b = probes[0]["peak_memory_gib"], probes[1]["peak_memory_gib"]
-    capacity = memory_gib or probes[0]["device_memory_gib"]
-    # Peaks equal at both lengths: a fixed cost dominates and the slope says nothing.
-    predicted = 2 * low + (capacity - b) * low / (b - a) if b > a else high
-    mid = min(max(int(predicted) // step, lo + 1), hi)
+    capacity = memory_gib or probes[0].get("device_memory_gib")
+    # No capacity, or peaks equal at both lengths (a fixed cost dominates): no prediction.
+    if capacity and b > a:
+        mid = min(max(int(2 * low + (capacity - b) * low / (b - a)) // step, lo + 1), hi)
+    else:
+        mid = (lo + hi + 1) // 2
     while lo < hi:
         if fits(mid * step):
             lo = mid
@@ -98,9 +94,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     for system in args.systems.split(","):
-        seq, probes = longest(
-            system, args.shape, args.ac, args.low, args.high, args.granularity, args.memory_gib,
-            walk=not args.no_walk,
+        seq, probes = search(
+            lambda seq, system=system: probe(system, args.shape, seq, args.ac, args.memory_gib),
+            args.low, args.high, args.granularity, args.memory_gib, walk=not args.no_walk,
         )  # fmt: skip
         row = {"system": system, "shape": args.shape, "activation_checkpointing": args.ac}
         row |= {"memory_gib": args.memory_gib, "max_seq_len": seq, "probes": probes}
