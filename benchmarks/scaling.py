@@ -215,8 +215,10 @@ def main() -> None:
     parser.add_argument("--memory-gib", type=float, help="GPU memory, for maxlen's prediction")
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("extra", nargs="*", help="after --: more `loom train` overrides")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:cut])
+    args.extra = argv[cut + 1 :]  # after --: more `loom train` overrides
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = model_dir(args.shape, work)
