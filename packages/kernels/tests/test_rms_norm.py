@@ -92,7 +92,6 @@ def test_strided_input(triton_device, assert_close, layout):
         assert_close(g, r, torch.float32)
 
 
-
 def test_inside_torch_compile_auto_picks_the_reference(triton_device):
     # Inductor fuses the reference with its neighbours; eager picks Triton.
     def marked(x):
