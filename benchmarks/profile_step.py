@@ -71,17 +71,14 @@ def sync_sites(step, frames: int = 8) -> collections.Counter:
         )
         sites[f"{str(message)[:60]} @ {where}"] += 1
 
-    previous = warnings.showwarning
-    warnings.showwarning = record
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = record
+    with warnings.catch_warnings():  # restores showwarning and the filters on exit
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
             step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-        warnings.showwarning = previous
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
     return sites
 
 

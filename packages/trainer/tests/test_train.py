@@ -43,24 +43,42 @@ def grads(model):
     return {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
 
 
+def sharded_step(parallel, tiny_model_dir, prepare=lambda model: None):
+    """Loss and gradients of one accumulated step (2 micro-batches) of the tiny model under
+    FSDP, after ``prepare(model)``."""
+    torch.manual_seed(0)
+    model = build_model(tiny_model_dir)
+    prepare(model)
+    apply_fsdp(model, decoder_layers(model), parallel.fsdp_mesh, mixed_precision(parallel.device))
+    batch = rows()
+    tokens = sum(r.loss_tokens for r in batch)
+    loss = forward_backward(model, rank_share(batch, 0, 1, 2), tokens, parallel)
+    return loss, grads(model)
+
+
+def plain_loss(model, batch, tokens):
+    """Every token's cross-entropy over the whole batch / ``tokens``, row by row."""
+    total = 0.0
+    for r in batch:
+        logits = model(
+            input_ids=torch.from_numpy(r.input_ids)[None],
+            position_ids=torch.from_numpy(r.position_ids)[None],
+        ).logits[0]
+        total += torch.nn.functional.cross_entropy(
+            logits, torch.from_numpy(r.labels), ignore_index=-100, reduction="sum"
+        )
+    return total / tokens
+
+
 @pytest.mark.parametrize("every", [1, 2])
 def test_activation_checkpointing_changes_nothing(parallel, every, tiny_model_dir):
-    results = []
-    for ac in (False, True):
-        torch.manual_seed(0)
-        model = build_model(tiny_model_dir)
-        if ac:
-            enable_activation_checkpointing(model, every)
-        apply_fsdp(
-            model, decoder_layers(model), parallel.fsdp_mesh, mixed_precision(parallel.device)
-        )
-        batch = rows()
-        tokens = sum(r.loss_tokens for r in batch)
-        loss = forward_backward(model, rank_share(batch, 0, 1, 2), tokens, parallel)
-        results.append((loss, grads(model)))
-    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
-    for name, g in results[0][1].items():
-        torch.testing.assert_close(results[1][1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+    loss, reference = sharded_step(parallel, tiny_model_dir)
+    ac_loss, got = sharded_step(
+        parallel, tiny_model_dir, lambda model: enable_activation_checkpointing(model, every)
+    )
+    assert loss == pytest.approx(ac_loss, rel=1e-6)
+    for name, g in reference.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_loss_is_the_global_token_mean(parallel, tiny_model_dir):
@@ -74,33 +92,12 @@ def test_loss_is_the_global_token_mean(parallel, tiny_model_dir):
     loss = forward_backward(model, rank_share(batch, 0, 1, 1), tokens, parallel)
     # Plain reference: every row separately with HF's own loss would weight rows equally;
     # Loom weights tokens equally across the whole global batch.
-    total = 0.0
-    for r in batch:
-        logits = reference(
-            input_ids=torch.from_numpy(r.input_ids)[None],
-            position_ids=torch.from_numpy(r.position_ids)[None],
-        ).logits[0]
-        total += torch.nn.functional.cross_entropy(
-            logits, torch.from_numpy(r.labels), ignore_index=-100, reduction="sum"
-        )
-    (total / tokens).backward()
-    assert loss == pytest.approx(total.item() / tokens, rel=1e-6)
+    expected = plain_loss(reference, batch, tokens)
+    expected.backward()
+    assert loss == pytest.approx(expected.item(), rel=1e-6)
     got = grads(model)
     for name, p in reference.named_parameters():
         torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
-
-
-def plain_loss(model, batch, tokens):
-    total = 0.0
-    for r in batch:
-        logits = model(
-            input_ids=torch.from_numpy(r.input_ids)[None],
-            position_ids=torch.from_numpy(r.position_ids)[None],
-        ).logits[0]
-        total += torch.nn.functional.cross_entropy(
-            logits, torch.from_numpy(r.labels), ignore_index=-100, reduction="sum"
-        )
-    return total / tokens
 
 
 def test_accumulated_steps_see_each_update(parallel, tiny_model_dir):
@@ -125,22 +122,11 @@ def test_accumulated_steps_see_each_update(parallel, tiny_model_dir):
 
 
 def test_compiled_layers_change_nothing(parallel, tiny_model_dir):
-    results = []
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        model = build_model(tiny_model_dir)
-        if compiled:
-            compile_decoder_layers(model)
-        apply_fsdp(
-            model, decoder_layers(model), parallel.fsdp_mesh, mixed_precision(parallel.device)
-        )
-        batch = rows()
-        tokens = sum(r.loss_tokens for r in batch)
-        loss = forward_backward(model, rank_share(batch, 0, 1, 2), tokens, parallel)
-        results.append((loss, grads(model)))
-    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
-    for name, g in results[0][1].items():
-        torch.testing.assert_close(results[1][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    loss, reference = sharded_step(parallel, tiny_model_dir)
+    compiled_loss, got = sharded_step(parallel, tiny_model_dir, compile_decoder_layers)
+    assert loss == pytest.approx(compiled_loss, rel=1e-5)
+    for name, g in reference.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_nan_policy():
