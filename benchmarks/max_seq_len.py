@@ -1,19 +1,24 @@
 """The longest sequence each system trains at batch 1 on one GPU.
 
     python benchmarks/max_seq_len.py --shape qwen3-1.7b --systems liger,loom --ac \
-        [--memory-gib 79.6]
+        [--memory-gib 79.6] [--offload --mlp-tile 16384] [--lengths 393216,524288]
 
-A length "fits" when two full training steps (forward, backward, optimizer) run
-without a CUDA out-of-memory error. Each probe is its own process, so a failed probe
-leaves nothing behind. Lengths are multiples of ``--granularity`` tokens; the search
-bisects up to ``--high``, starting from the length two short probes predict
-(``search``, which benchmarks/scaling.py shares).
+A length "fits" when a full training step (forward, backward, optimizer) runs at it
+without a CUDA out-of-memory error, after a warm-up step at 4096 tokens has allocated
+the optimizer state (so the step meets the memory of any later step). Each probe is its
+own process, so a failed probe leaves nothing behind, and every system gets the same
+allocator setting (expandable segments: no fragmentation to blame). Lengths are
+multiples of ``--granularity`` tokens; the search bisects up to ``--high``, starting
+from the length two short probes predict (``search``, which benchmarks/scaling.py
+shares). ``--lengths`` probes just those lengths, shortest first, until one does not
+fit: a step at 500k tokens takes minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,12 +26,17 @@ from pathlib import Path
 THROUGHPUT = Path(__file__).with_name("train_throughput.py")
 
 
-def probe(system: str, shape: str, seq: int, ac: bool, memory_gib: float | None) -> dict | None:
-    """One process training two steps at ``seq``: its result row, or None on OOM."""
+def probe(
+    system: str, shape: str, seq: int, ac: bool, memory_gib: float | None, loom_flags=()
+) -> dict | None:
+    """One process training a step at ``seq`` after a short one: its result row, or
+    None on OOM. ``loom_flags`` go to train_throughput.py for Loom only."""
     command = [sys.executable, str(THROUGHPUT), "--system", system, "--shape", shape]
-    command += ["--seq", str(seq), "--steps", "1", "--warmup", "1"] + (["--ac"] if ac else [])
+    command += ["--seq", str(seq), "--steps", "1", "--warmup", "1", "--warmup-seq", "4096"]
+    command += (["--ac"] if ac else []) + (list(loom_flags) if system == "loom" else [])
     command += ["--memory-gib", str(memory_gib)] if memory_gib else []
-    done = subprocess.run(command, capture_output=True, text=True)
+    env = os.environ | {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode == 0 and lines:
         return json.loads(lines[0][len("RESULT ") :])
@@ -77,6 +87,20 @@ def search(
     return lo * step, probes
 
 
+def probe_lengths(probe_fn, lengths) -> tuple[int, list[dict], bool]:
+    """The longest of ``lengths`` (probed shortest first, stopping at the first that does
+    not fit) that fits, the probes, and whether that is only a lower bound (all fit)."""
+    best, probes = 0, []
+    for seq in sorted(lengths):
+        row = probe_fn(seq)
+        probes.append({"seq": seq, "fits": row is not None, **(row or {})})
+        print(json.dumps(probes[-1]), flush=True)
+        if row is None:
+            return best, probes, False
+        best = seq
+    return best, probes, True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="qwen3-1.7b")
@@ -91,16 +115,31 @@ def main() -> None:
     parser.add_argument(
         "--no-walk", action="store_true", help="stop at a predicted length that fits (a bound)"
     )
+    parser.add_argument("--offload", action="store_true", help="loom: inputs in host memory")
+    parser.add_argument("--mlp-tile", type=int, default=0, help="loom: tokens per MLP tile")
+    parser.add_argument("--lengths", help="probe these lengths (comma-separated), no search")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    loom_flags = (["--offload"] if args.offload else []) + (
+        ["--mlp-tile", str(args.mlp_tile)] if args.mlp_tile else []
+    )
     for system in args.systems.split(","):
-        seq, probes = search(
-            lambda seq, system=system: probe(system, args.shape, seq, args.ac, args.memory_gib),
-            args.low, args.high, args.granularity, args.memory_gib, walk=not args.no_walk,
-        )  # fmt: skip
+
+        def probe_fn(seq, system=system):
+            return probe(system, args.shape, seq, args.ac, args.memory_gib, loom_flags)
+
+        if args.lengths:
+            seq, probes, bound = probe_lengths(probe_fn, map(int, args.lengths.split(",")))
+        else:
+            seq, probes = search(
+                probe_fn, args.low, args.high, args.granularity, args.memory_gib,
+                walk=not args.no_walk,
+            )  # fmt: skip
+            bound = args.no_walk and seq > 0
         row = {"system": system, "shape": args.shape, "activation_checkpointing": args.ac}
+        row |= {"loom_flags": " ".join(loom_flags)} if system == "loom" and loom_flags else {}
         row |= {"memory_gib": args.memory_gib, "max_seq_len": seq, "probes": probes}
-        row["lower_bound"] = args.no_walk and seq > 0
+        row["lower_bound"] = bound
         print(json.dumps(row), flush=True)
         if args.out:
             with args.out.open("a") as f:

@@ -55,7 +55,7 @@ def random_model(shape: str, device: torch.device, loom: bool, experts: str | No
 def hf_step_fn(model, tokens, accum: int):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
-    def step():
+    def step(tokens=tokens):
         for _ in range(accum):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(input_ids=tokens, labels=tokens).loss / accum
@@ -68,13 +68,20 @@ def hf_step_fn(model, tokens, accum: int):
 
 
 def loom_step_fn(
-    model, tokens, activation_checkpointing: bool, accum: int = 1, compile: bool = False
+    model,
+    tokens,
+    activation_checkpointing: bool,
+    accum: int = 1,
+    compile: bool = False,
+    offload: bool = False,
+    mlp_tile: int = 0,
 ):
     import numpy as np
 
     from loom.dist.mesh import init_parallel
     from loom.trainer.data.packing import build_row
     from loom.trainer.data.samples import shift_labels
+    from loom.trainer.memory import offload_checkpointed_inputs, tile_mlps
     from loom.trainer.model import compile_decoder_layers, enable_activation_checkpointing
     from loom.trainer.optim import build_optimizer
     from loom.trainer.run import shard_model
@@ -83,14 +90,24 @@ def loom_step_fn(
     parallel = init_parallel()
     if activation_checkpointing:
         enable_activation_checkpointing(model)
+    if offload:
+        offload_checkpointed_inputs(model)
+    if mlp_tile:
+        tile_mlps(model, mlp_tile)
     if compile:
         compile_decoder_layers(model)
     shard_model(model, parallel)
     optimizer = build_optimizer(model, 1e-5, (0.9, 0.95), 1e-8, 0.0, parallel.device)
-    ids = tokens[0].cpu().numpy()
-    row = build_row([(ids, np.asarray(shift_labels(list(ids), [True] * len(ids))))], len(ids), 0)
 
-    def step():
+    def row_of(tokens):
+        ids = tokens[0].cpu().numpy()
+        labels = np.asarray(shift_labels(list(ids), [True] * len(ids)))
+        return build_row([(ids, labels)], len(ids), 0)
+
+    rows = {tokens.shape[-1]: row_of(tokens)}
+
+    def step(tokens=tokens):
+        row = rows.get(tokens.shape[-1]) or row_of(tokens)
         loss = forward_backward(model, [[row]] * accum, row.loss_tokens * accum, parallel)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -118,14 +135,19 @@ def run_one(args) -> dict:
     if args.system != "loom" and args.ac:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.system == "loom":
-        step = loom_step_fn(model, tokens, args.ac, args.accum, args.compile)
+        step = loom_step_fn(
+            model, tokens, args.ac, args.accum, args.compile, args.offload, args.mlp_tile
+        )
     else:
         step = hf_step_fn(model, tokens, args.accum)
+    # Warm-up at a short length still allocates the optimizer state: the timed steps
+    # then meet the memory of a later step at a fraction of a long warm-up's cost.
+    short = tokens[:, : args.warmup_seq] if args.warmup_seq else tokens
     times = []
     for i in range(args.warmup + args.steps):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        step()
+        step(short if i < args.warmup else tokens)
         torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
@@ -138,6 +160,9 @@ def run_one(args) -> dict:
         "accum": args.accum,
         "activation_checkpointing": args.ac,
         "compile": args.compile,
+        **({"offload": True} if args.offload else {}),
+        **({"mlp_tile": args.mlp_tile} if args.mlp_tile else {}),
+        **({"warmup_seq": args.warmup_seq} if args.warmup_seq else {}),
         "tokens_per_s": args.seq * args.accum / seconds,
         "mfu": flops / seconds / peak_flops(device, None),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -164,6 +189,13 @@ def main() -> None:
     parser.add_argument("--system", help=argparse.SUPPRESS)  # set for the child processes
     parser.add_argument("--ac", action="store_true", help="activation checkpointing")
     parser.add_argument("--compile", action="store_true", help="loom: torch.compile the layers")
+    parser.add_argument(
+        "--offload", action="store_true", help="loom: checkpointed inputs in host memory"
+    )
+    parser.add_argument("--mlp-tile", type=int, default=0, help="loom: tokens per MLP tile")
+    parser.add_argument(
+        "--warmup-seq", type=int, default=0, help="warm-up steps at this length (0: --seq)"
+    )
     parser.add_argument(
         "--accum", type=int, default=1, help="rows of --seq tokens per optimizer step"
     )

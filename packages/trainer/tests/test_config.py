@@ -44,6 +44,9 @@ def test_override_creates_nested_and_parses_yaml_values():
         (["--train.lr"], "override --train.lr has no value"),
         (["train.lr", "1"], "expected an override like --train.lr 1e-4"),
         (["--parallel.dp_shard", "0"], "dp_shard must be a positive size or -1"),
+        (["--train.activation_offload", "true"], "it needs activation_checkpointing: true"),
+        (["--train.mlp_tile", "512", "--train.compile", "true"], "mlp_tile and compile"),
+        (["--train.mlp_tile", "-1"], "config key train.mlp_tile"),
     ],
 )
 def test_bad_overrides_name_the_key(tmp_path, overrides, needle):

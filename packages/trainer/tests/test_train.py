@@ -8,6 +8,7 @@ import torch
 
 from loom.dist.fsdp import apply_fsdp, mixed_precision
 from loom.dist.mesh import destroy_parallel, init_parallel
+from loom.trainer import memory
 from loom.trainer.data.packing import build_row
 from loom.trainer.data.samples import shift_labels
 from loom.trainer.errors import LoomError
@@ -127,6 +128,62 @@ def test_compiled_layers_change_nothing(parallel, tiny_model_dir):
     assert loss == pytest.approx(compiled_loss, rel=1e-5)
     for name, g in reference.items():
         torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_offloaded_inputs_change_nothing(parallel, tiny_model_dir, monkeypatch):
+    moved = []
+
+    def counted(tensor):
+        packed = to_host(tensor)
+        moved.append(packed is not tensor)
+        return packed
+
+    to_host = memory._to_host
+    monkeypatch.setattr(memory, "_to_host", counted)
+    monkeypatch.setattr(memory, "PIECE_BYTES", 256)  # several pieces per tensor
+    loss, reference = sharded_step(parallel, tiny_model_dir, enable_activation_checkpointing)
+    got_loss, got = sharded_step(
+        parallel,
+        tiny_model_dir,
+        lambda m: (enable_activation_checkpointing(m), memory.offload_checkpointed_inputs(m)),
+    )
+    layers = len(decoder_layers(build_model(tiny_model_dir)))
+    assert sum(moved) == 2 * layers  # each layer's input, in each of 2 micro-batches
+    assert loss == got_loss
+    for name, g in reference.items():
+        torch.testing.assert_close(got[name], g, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_tiled_mlps_change_nothing(parallel, tiny_model_dir, checkpointed):
+    def prepare(model, tile=None):
+        if checkpointed:
+            enable_activation_checkpointing(model)
+        if tile:
+            memory.tile_mlps(model, tile)
+
+    loss, reference = sharded_step(parallel, tiny_model_dir, prepare)
+    # 24-token rows: tiles of 7 tokens leave a short last one.
+    got_loss, got = sharded_step(parallel, tiny_model_dir, lambda m: prepare(m, 7))
+    assert loss == pytest.approx(got_loss, rel=1e-6)
+    for name, g in reference.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_memory_options_reject_what_they_cannot_do(tiny_model_dir):
+    from transformers import AutoConfig
+
+    from loom.models import build_model as build_port
+
+    with pytest.raises(LoomError, match="activation_offload needs"):
+        memory.offload_checkpointed_inputs(build_model(tiny_model_dir))
+    config = AutoConfig.for_model(
+        "qwen3_moe", hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+        num_experts=4, num_experts_per_tok=2, vocab_size=64,
+    )  # fmt: skip
+    with pytest.raises(LoomError, match=r"decoder layer 0 .* no dense mlp"):
+        memory.tile_mlps(build_port(config, dtype=torch.float32), 8)
 
 
 def test_nan_policy():

@@ -82,12 +82,27 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, ge=0, description="max total grad norm; 0 turns clipping off")
     activation_checkpointing: bool = False
     ac_every: int = Field(1, gt=0, description="checkpoint every n-th decoder layer")
+    activation_offload: bool = Field(
+        False, description="keep the checkpointed layers' inputs in host memory"
+    )
+    mlp_tile: int = Field(0, ge=0, description="tokens per MLP tile (0: the whole sequence)")
     compile: bool = Field(
         False, description="torch.compile each decoder layer (fuses the elementwise ops)"
     )
     nan_policy: Literal["skip", "stop"] = Field(
         "stop", description="on a non-finite loss or grad norm: skip the update, or stop"
     )
+
+    @model_validator(mode="after")
+    def _memory_options_compose(self) -> TrainConfig:
+        if self.activation_offload and not self.activation_checkpointing:
+            raise ValueError(
+                "activation_offload moves the checkpointed layers' inputs to host memory: "
+                "it needs activation_checkpointing: true"
+            )
+        if self.mlp_tile and self.compile:
+            raise ValueError("mlp_tile and compile cannot be used together: use one of them")
+        return self
 
 
 class CheckpointConfig(Section):

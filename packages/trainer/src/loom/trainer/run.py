@@ -25,6 +25,7 @@ from loom.trainer.data.sources import load_source
 from loom.trainer.data.streaming import StreamSource, stream_shards
 from loom.trainer.errors import ConfigError
 from loom.trainer.flops import FlopModel, flop_model, peak_flops
+from loom.trainer.memory import offload_checkpointed_inputs, tile_mlps
 from loom.trainer.metrics import MetricsLog, read_metrics
 from loom.trainer.model import (
     build_model,
@@ -170,6 +171,10 @@ def build_sharded_model(config: Config, parallel: ParallelState) -> nn.Module:
     model = build_model(config.model.path, config.model.attn_implementation, meta=pretrained)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(model, config.train.ac_every)
+    if config.train.activation_offload:
+        offload_checkpointed_inputs(model)
+    if config.train.mlp_tile:
+        tile_mlps(model, config.train.mlp_tile)
     if config.train.compile:
         compile_decoder_layers(model)
     if not pretrained:
