@@ -22,12 +22,15 @@ from loom.trainer.model import decoder_layers
 # Host copies are made of pieces this size: the pinned-memory cache rounds each
 # allocation up to a power of two, so whole 1.5 GiB tensors would each take 2 GiB.
 PIECE_BYTES = 64 << 20
+# Smaller saved inputs stay (checkpoint's own empty marker tensor among them).
+MIN_BYTES = 1 << 20
 
 
 def _to_host(tensor: torch.Tensor):
     # Only the residual stream carries a gradient among a layer's saved inputs;
     # anything else (masks, positions) is small or shared between layers.
-    if not (tensor.requires_grad and tensor.is_floating_point()):
+    big = tensor.numel() * tensor.element_size() >= max(MIN_BYTES, 1)
+    if not (big and tensor.requires_grad and tensor.is_floating_point()):
         return tensor
     flat = tensor.detach().contiguous().view(-1)
     per = max(PIECE_BYTES // flat.element_size(), 1)
