@@ -26,8 +26,17 @@ from pathlib import Path
 THROUGHPUT = Path(__file__).with_name("train_throughput.py")
 
 
+ALLOC_CONF = "expandable_segments:True"
+
+
 def probe(
-    system: str, shape: str, seq: int, ac: bool, memory_gib: float | None, loom_flags=()
+    system: str,
+    shape: str,
+    seq: int,
+    ac: bool,
+    memory_gib: float | None,
+    loom_flags=(),
+    alloc_conf: str = ALLOC_CONF,
 ) -> dict | None:
     """One process training a step at ``seq`` after a short one: its result row, or
     None on OOM. ``loom_flags`` go to train_throughput.py for Loom only."""
@@ -35,7 +44,7 @@ def probe(
     command += ["--seq", str(seq), "--steps", "1", "--warmup", "1", "--warmup-seq", "4096"]
     command += (["--ac"] if ac else []) + (list(loom_flags) if system == "loom" else [])
     command += ["--memory-gib", str(memory_gib)] if memory_gib else []
-    env = os.environ | {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    env = os.environ | {"PYTORCH_CUDA_ALLOC_CONF": alloc_conf}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode == 0 and lines:
@@ -118,15 +127,22 @@ def main() -> None:
     parser.add_argument("--offload", action="store_true", help="loom: inputs in host memory")
     parser.add_argument("--mlp-tile", type=int, default=0, help="loom: tokens per MLP tile")
     parser.add_argument("--lengths", help="probe these lengths (comma-separated), no search")
+    parser.add_argument(
+        "--alloc-conf", default=ALLOC_CONF, help="PYTORCH_CUDA_ALLOC_CONF, every system alike"
+    )
+    parser.add_argument("--progress", type=Path, help="loom: append each phase's time here")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     loom_flags = (["--offload"] if args.offload else []) + (
         ["--mlp-tile", str(args.mlp_tile)] if args.mlp_tile else []
     )
+    loom_flags += ["--progress", str(args.progress)] if args.progress else []
     for system in args.systems.split(","):
 
         def probe_fn(seq, system=system):
-            return probe(system, args.shape, seq, args.ac, args.memory_gib, loom_flags)
+            return probe(
+                system, args.shape, seq, args.ac, args.memory_gib, loom_flags, args.alloc_conf
+            )
 
         if args.lengths:
             seq, probes, bound = probe_lengths(probe_fn, map(int, args.lengths.split(",")))

@@ -75,6 +75,7 @@ def loom_step_fn(
     compile: bool = False,
     offload: bool = False,
     mlp_tile: int = 0,
+    progress: Path | None = None,
 ):
     import numpy as np
 
@@ -109,11 +110,21 @@ def loom_step_fn(
     def step(tokens=tokens):
         row = rows.get(tokens.shape[-1]) or row_of(tokens)
         loss = forward_backward(model, [[row]] * accum, row.loss_tokens * accum, parallel)
+        if progress:
+            note(progress, f"seq {len(row.input_ids)}: forward and backward done")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
 
     return step
+
+
+def note(path: Path, what: str) -> None:
+    """One line of progress (a long step can outlast the caller's time limit)."""
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    with path.open("a") as f:
+        f.write(f"{time.strftime('%H:%M:%S')} {what}; peak {peak:.2f} GiB\n")
 
 
 def run_one(args) -> dict:
@@ -136,8 +147,9 @@ def run_one(args) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.system == "loom":
         step = loom_step_fn(
-            model, tokens, args.ac, args.accum, args.compile, args.offload, args.mlp_tile
-        )
+            model, tokens, args.ac, args.accum, args.compile, args.offload, args.mlp_tile,
+            args.progress,
+        )  # fmt: skip
     else:
         step = hf_step_fn(model, tokens, args.accum)
     # Warm-up at a short length still allocates the optimizer state: the timed steps
@@ -151,6 +163,8 @@ def run_one(args) -> dict:
         torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
+        if args.progress:
+            note(args.progress, f"step {i} done in {time.perf_counter() - start:.1f} s")
     seconds = statistics.median(times)
     flops = fm.step_flops(args.seq, args.seq**2) * args.accum
     return {
@@ -202,6 +216,7 @@ def main() -> None:
     parser.add_argument(
         "--memory-gib", type=float, help="cap this process's GPU memory (a smaller GPU's size)"
     )
+    parser.add_argument("--progress", type=Path, help="append each phase's time to this file")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path)
