@@ -173,6 +173,17 @@ def test_tiled_mlps_change_nothing(parallel, tiny_model_dir, checkpointed):
         torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_config_turns_the_memory_options_on(parallel, tiny_model_dir):
+    from loom.trainer.config import load_config
+    from loom.trainer.run import build_sharded_model
+
+    on = ["--train.activation_checkpointing", "true", "--train.activation_offload", "true"]
+    config = load_config(tiny_model_dir.parent / "train.yaml", [*on, "--train.mlp_tile", "8"])
+    layers = decoder_layers(build_sharded_model(config, parallel))
+    assert all(x._gradient_checkpointing_func is memory._offloaded_checkpoint for x in layers)
+    assert all(x.mlp.forward.func is memory._tiled_forward for x in layers)
+
+
 def test_memory_options_reject_what_they_cannot_do(tiny_model_dir):
     from transformers import AutoConfig
 
