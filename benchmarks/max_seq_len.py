@@ -29,6 +29,10 @@ THROUGHPUT = Path(__file__).with_name("train_throughput.py")
 ALLOC_CONF = "expandable_segments:True"
 
 
+class ProbeTimeout(Exception):
+    """The probe's step outlasted ``--probe-timeout``: neither fits nor runs out of memory."""
+
+
 def probe(
     system: str,
     shape: str,
@@ -37,6 +41,7 @@ def probe(
     memory_gib: float | None,
     loom_flags=(),
     alloc_conf: str = ALLOC_CONF,
+    timeout: float | None = None,
 ) -> dict | None:
     """One process training a step at ``seq`` after a short one: its result row, or
     None on OOM. ``loom_flags`` go to train_throughput.py for Loom only."""
@@ -45,7 +50,10 @@ def probe(
     command += (["--ac"] if ac else []) + (list(loom_flags) if system == "loom" else [])
     command += ["--memory-gib", str(memory_gib)] if memory_gib else []
     env = os.environ | {"PYTORCH_CUDA_ALLOC_CONF": alloc_conf}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ProbeTimeout(f"{system} at {seq} ran past {timeout} s") from None
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode == 0 and lines:
         return json.loads(lines[0][len("RESULT ") :])
@@ -98,10 +106,16 @@ def search(
 
 def probe_lengths(probe_fn, lengths) -> tuple[int, list[dict], bool]:
     """The longest of ``lengths`` (probed shortest first, stopping at the first that does
-    not fit) that fits, the probes, and whether that is only a lower bound (all fit)."""
+    not fit or times out) that fits, the probes, and whether that is only a lower bound
+    (no probe ran out of memory)."""
     best, probes = 0, []
     for seq in sorted(lengths):
-        row = probe_fn(seq)
+        try:
+            row = probe_fn(seq)
+        except ProbeTimeout:
+            probes.append({"seq": seq, "fits": None, "timed_out": True})
+            print(json.dumps(probes[-1]), flush=True)
+            return best, probes, True
         probes.append({"seq": seq, "fits": row is not None, **(row or {})})
         print(json.dumps(probes[-1]), flush=True)
         if row is None:
@@ -130,6 +144,9 @@ def main() -> None:
     parser.add_argument(
         "--alloc-conf", default=ALLOC_CONF, help="PYTORCH_CUDA_ALLOC_CONF, every system alike"
     )
+    parser.add_argument(
+        "--probe-timeout", type=float, help="seconds per probe (--lengths: a bound, not a failure)"
+    )
     parser.add_argument("--progress", type=Path, help="loom: append each phase's time here")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -141,8 +158,9 @@ def main() -> None:
 
         def probe_fn(seq, system=system):
             return probe(
-                system, args.shape, seq, args.ac, args.memory_gib, loom_flags, args.alloc_conf
-            )
+                system, args.shape, seq, args.ac, args.memory_gib, loom_flags, args.alloc_conf,
+                args.probe_timeout,
+            )  # fmt: skip
 
         if args.lengths:
             seq, probes, bound = probe_lengths(probe_fn, map(int, args.lengths.split(",")))
