@@ -57,6 +57,16 @@ def sharded_step(parallel, tiny_model_dir, prepare=lambda model: None):
     return loss, grads(model)
 
 
+def sharded_and_plain(parallel, tiny_model_dir):
+    """The tiny model under FSDP, and a plain copy with the same weights."""
+    torch.manual_seed(0)
+    model = build_model(tiny_model_dir)
+    reference = build_model(tiny_model_dir)
+    reference.load_state_dict(model.state_dict())
+    apply_fsdp(model, decoder_layers(model), parallel.fsdp_mesh, mixed_precision(parallel.device))
+    return model, reference
+
+
 def plain_loss(model, batch, tokens):
     """Every token's cross-entropy over the whole batch / ``tokens``, row by row."""
     total = 0.0
@@ -83,11 +93,7 @@ def test_activation_checkpointing_changes_nothing(parallel, every, tiny_model_di
 
 
 def test_loss_is_the_global_token_mean(parallel, tiny_model_dir):
-    torch.manual_seed(0)
-    model = build_model(tiny_model_dir)
-    reference = build_model(tiny_model_dir)
-    reference.load_state_dict(model.state_dict())
-    apply_fsdp(model, decoder_layers(model), parallel.fsdp_mesh, mixed_precision(parallel.device))
+    model, reference = sharded_and_plain(parallel, tiny_model_dir)
     batch = rows(3)
     tokens = sum(r.loss_tokens for r in batch)
     loss = forward_backward(model, rank_share(batch, 0, 1, 1), tokens, parallel)
@@ -104,11 +110,7 @@ def test_loss_is_the_global_token_mean(parallel, tiny_model_dir):
 def test_accumulated_steps_see_each_update(parallel, tiny_model_dir):
     # At fsdp size 1 the gathered parameters stay between micro-batches; after the last
     # one they must be dropped, or the next step would run on the weights before the update.
-    torch.manual_seed(0)
-    model = build_model(tiny_model_dir)
-    reference = build_model(tiny_model_dir)
-    reference.load_state_dict(model.state_dict())
-    apply_fsdp(model, decoder_layers(model), parallel.fsdp_mesh, mixed_precision(parallel.device))
+    model, reference = sharded_and_plain(parallel, tiny_model_dir)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, reference)]
     batch = rows(4)
     tokens = sum(r.loss_tokens for r in batch)
