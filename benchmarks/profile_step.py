@@ -1,6 +1,6 @@
 """Where a Loom training step spends its time: torch.profiler over a few steps.
 
-    python benchmarks/profile_step.py --shape qwen3-1.7b --seq 4096 [--accum 4] [--rows 25]
+    python benchmarks/profile_step.py --shape qwen3-1.7b --seq 4096 [--accum 4] [--micro 1] [--rows 25]
 
 Prints the step time, how much of it the GPU is busy (the union of kernel and copy
 intervals in the trace), the CUDA runtime calls the host makes (launches,
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--shape", default="qwen3-1.7b")
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--accum", type=int, default=1)
+    parser.add_argument("--micro", type=int, default=1, help="rows per forward")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--compile", action="store_true", help="torch.compile the layers")
     parser.add_argument("--trace", type=Path, help="also write the chrome trace here")
@@ -94,7 +95,7 @@ def main() -> None:
     device = torch.device("cuda")
     torch.manual_seed(0)
     model = random_model(args.shape, device, loom=True)
-    tokens = torch.randint(0, model.config.vocab_size, (1, args.seq), device=device)
+    tokens = torch.randint(0, model.config.vocab_size, (args.micro, args.seq), device=device)
     step = loom_step_fn(
         model, tokens, activation_checkpointing=False, accum=args.accum, compile=args.compile
     )
@@ -106,7 +107,9 @@ def main() -> None:
         step()
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / 3
-    print(f"step: {seconds * 1000:.1f} ms, {args.seq * args.accum / seconds:,.0f} tokens/s")
+    print(
+        f"step: {seconds * 1000:.1f} ms, {args.seq * args.micro * args.accum / seconds:,.0f} tokens/s"
+    )
     print("host-GPU synchronizations in one step:")
     for site, count in sync_sites(step).most_common():
         print(f"  {count:4d}x {site}")

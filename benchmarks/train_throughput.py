@@ -4,8 +4,11 @@
         --systems hf,liger,loom --out results.jsonl
 
 Each system runs in its own process (clean CUDA memory statistics) on the same shape,
-sequence length and random tokens: ``--accum`` rows of ``--seq`` tokens per optimizer
-step (one row per forward, gradients accumulated), AdamW, bf16.
+sequence length and random tokens: ``--accum`` micro-batches of ``--micro`` rows of
+``--seq`` tokens per optimizer step (gradients accumulated over the micro-batches),
+AdamW, bf16. The same tokens per step can be split differently (``--accum 4`` or
+``--micro 4``); each system is free to take the split that runs fastest within the memory
+cap, as its users would.
 tokens/s is the median over the steps after ``--warmup``; MFU uses the causal count
 of ``loom.trainer.flops`` (6*N + 6*L*H*d*T per token); peak memory is
 ``torch.cuda.max_memory_allocated``.
@@ -14,6 +17,10 @@ of ``loom.trainer.flops`` (6*N + 6*L*H*d*T per token); peak memory is
   (MoE: transformers' default experts implementation).
 - hf-eager: the same with transformers' per-expert loop (``experts_implementation="eager"``).
 - liger: the same with Liger-Kernel's patches for the model family applied first.
+- torchtitan: torchtitan's own Qwen3, ``parallelize_qwen3`` (FSDP2 bf16 params / fp32
+  reduce, per-block compile with ``--compile``, full AC with ``--ac``), its cross-entropy
+  and fused AdamW (``peers/torchtitan_step.py`` says which code path and why); its causal
+  SDPA attention module (its FlexAttention default autotunes for minutes per shape).
 - loom: Loom's port of the model (fused kernels, fused linear cross-entropy,
   loom_sdpa attention) through the trainer's code path (FSDP2 bf16 params / fp32
   reduce, its loss normalisation, its optimizer), at world size 1.
@@ -100,18 +107,21 @@ def loom_step_fn(
     shard_model(model, parallel)
     optimizer = build_optimizer(model, 1e-5, (0.9, 0.95), 1e-8, 0.0, parallel.device)
 
-    def row_of(tokens):
-        ids = tokens[0].cpu().numpy()
-        labels = np.asarray(shift_labels(list(ids), [True] * len(ids)))
-        return build_row([(ids, labels)], len(ids), 0)
+    def rows_of(tokens):
+        rows = []
+        for ids in tokens.cpu().numpy():
+            labels = np.asarray(shift_labels(list(ids), [True] * len(ids)))
+            rows.append(build_row([(ids, labels)], len(ids), 0))
+        return rows
 
-    rows = {tokens.shape[-1]: row_of(tokens)}
+    cached = {tokens.shape[-1]: rows_of(tokens)}
 
     def step(tokens=tokens):
-        row = rows.get(tokens.shape[-1]) or row_of(tokens)
-        loss = forward_backward(model, [[row]] * accum, row.loss_tokens * accum, parallel)
+        rows = cached.get(tokens.shape[-1]) or rows_of(tokens)
+        loss_tokens = sum(r.loss_tokens for r in rows) * accum
+        loss = forward_backward(model, [rows] * accum, loss_tokens, parallel)
         if progress:
-            note(progress, f"seq {len(row.input_ids)}: forward and backward done")
+            note(progress, f"seq {tokens.shape[-1]}: forward and backward done")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
@@ -128,17 +138,19 @@ def note(path: Path, what: str) -> None:
 
 
 def run_one(args) -> dict:
-    from loom.trainer.flops import flop_model, peak_flops
+    from loom.trainer.flops import flop_model
 
     device = torch.device("cuda")
     if args.memory_gib:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2**30 / total))
     torch.manual_seed(0)
+    if args.system == "torchtitan":
+        return run_steps(args, *torchtitan_step(args, device))
     experts = "eager" if args.system == "hf-eager" else None
     model = random_model(args.shape, device, loom=args.system == "loom", experts=experts)
     fm = flop_model(model)
-    tokens = torch.randint(0, model.config.vocab_size, (1, args.seq), device=device)
+    tokens = torch.randint(0, model.config.vocab_size, (args.micro, args.seq), device=device)
     if args.system == "liger":
         import liger_kernel.transformers as liger
 
@@ -152,6 +164,36 @@ def run_one(args) -> dict:
         )  # fmt: skip
     else:
         step = hf_step_fn(model, tokens, args.accum)
+    return run_steps(args, step, fm, tokens)
+
+
+def torchtitan_step(args, device: torch.device):
+    """torchtitan's step, the flop model of the same HF shape, and the tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loom.trainer.flops import flop_model
+
+    sys.path.insert(0, str(Path(__file__).parent / "peers"))
+    from torchtitan_step import torchtitan_step_fn
+
+    with torch.device("meta"):
+        fm = flop_model(
+            AutoModelForCausalLM.from_config(AutoConfig.for_model(**SHAPES[args.shape]))
+        )
+    step, _ = torchtitan_step_fn(
+        SHAPES[args.shape], args.seq, args.micro, args.accum, args.compile, args.ac, device,
+        attn_backend="sdpa",
+    )  # fmt: skip
+    tokens = torch.randint(
+        0, SHAPES[args.shape]["vocab_size"], (args.micro, args.seq), device=device
+    )
+    return step, fm, tokens
+
+
+def run_steps(args, step, fm, tokens) -> dict:
+    from loom.trainer.flops import peak_flops
+
+    device = tokens.device
     # Warm-up at a short length still allocates the optimizer state: the timed steps
     # then meet the memory of a later step at a fraction of a long warm-up's cost.
     short = tokens[:, : args.warmup_seq] if args.warmup_seq else tokens
@@ -166,18 +208,20 @@ def run_one(args) -> dict:
         if args.progress:
             note(args.progress, f"step {i} done in {time.perf_counter() - start:.1f} s")
     seconds = statistics.median(times)
-    flops = fm.step_flops(args.seq, args.seq**2) * args.accum
+    rows = args.micro * args.accum
+    flops = fm.step_flops(args.seq, args.seq**2) * rows
     return {
         "system": args.system,
         "shape": args.shape,
         "seq": args.seq,
         "accum": args.accum,
+        "micro": args.micro,
         "activation_checkpointing": args.ac,
         "compile": args.compile,
         **({"offload": True} if args.offload else {}),
         **({"mlp_tile": args.mlp_tile} if args.mlp_tile else {}),
         **({"warmup_seq": args.warmup_seq} if args.warmup_seq else {}),
-        "tokens_per_s": args.seq * args.accum / seconds,
+        "tokens_per_s": args.seq * rows / seconds,
         "mfu": flops / seconds / peak_flops(device, None),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "device_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30,
@@ -210,9 +254,8 @@ def main() -> None:
     parser.add_argument(
         "--warmup-seq", type=int, default=0, help="warm-up steps at this length (0: --seq)"
     )
-    parser.add_argument(
-        "--accum", type=int, default=1, help="rows of --seq tokens per optimizer step"
-    )
+    parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--micro", type=int, default=1, help="rows of --seq tokens per forward")
     parser.add_argument(
         "--memory-gib", type=float, help="cap this process's GPU memory (a smaller GPU's size)"
     )

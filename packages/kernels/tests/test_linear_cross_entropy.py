@@ -12,11 +12,12 @@ from loom.kernels.linear_cross_entropy import (
 TRITON_MODULE = "loom.kernels._linear_cross_entropy_triton"
 LAUNCHER = "cross_entropy_loss_and_grad"
 BLOCK_LAUNCHER = "cross_entropy_grad_block"
-# One pass (the whole batch is one chunk) and two (token chunks for the loss and d hidden,
-# vocabulary blocks for d weight), forced small so that both have several pieces, the
-# last one partial.
+# One pass (the whole batch is one chunk), one pass over chunks (d weight summed over
+# them in fp32) and two (token chunks for the loss and d hidden, vocabulary blocks for
+# d weight), forced small so that the split ones have several pieces, the last partial.
 PASSES = {
     "one": lambda vocab: {},
+    "one_chunked": lambda vocab: {"chunk_size": 3},
     "two": lambda vocab: {"chunk_size": 3, "vocab_block": vocab // 3 + 1},
 }
 # (tokens, hidden, vocab): a single token; odd sizes with a vocab that is not a power of
@@ -110,14 +111,20 @@ def test_chunks_and_blocks_bound_the_logits(triton_spy, triton_device):
 
 def test_default_plan_holds_about_the_hidden_states():
     qwen3_lm_head = torch.empty(151936, 2048, dtype=torch.bfloat16, device="meta")
-    # 16k tokens: hidden is 64 MiB, so blocks of 2048 vocabulary rows (64 MiB); the loss
-    # pass, before d weight exists, also takes its 594 MiB: chunks of 2240 tokens (649 MiB
+    # 64k tokens: hidden is 256 MiB, so blocks of 2048 vocabulary rows (256 MiB); the loss
+    # pass, before d weight exists, also takes its 594 MiB: chunks of 2880 tokens (835 MiB
     # of logits, a multiple of 64).
-    assert plan_chunks(16384, 2048, qwen3_lm_head) == (2240, 2048)
+    assert plan_chunks(65536, 2048, qwen3_lm_head) == (2880, 2048)
     # Without d weight there is no weight pass to share the peak with.
+    assert plan_chunks(65536, 2048, qwen3_lm_head, needs_dw=False)[0] == 832
     assert plan_chunks(16384, 2048, qwen3_lm_head, needs_dw=False)[0] == 192
     # Logits of at most ONE_PASS_BYTES (2 GiB): one pass, three GEMMs.
     assert plan_chunks(4096, 2048, qwen3_lm_head) == (4096, None)
+    # 16k tokens (4.6 GiB of logits, at most ACCUMULATE_BYTES): still one pass, in three
+    # equal chunks of at most 2 GiB each (5504 tokens, a multiple of 64).
+    assert plan_chunks(16384, 2048, qwen3_lm_head) == (5504, None)
+    assert plan_chunks(27648, 2048, qwen3_lm_head) == (6912, None)  # 7.8 GiB: four chunks
+    assert plan_chunks(28672, 2048, qwen3_lm_head) == (2432, 2048)  # 8.1 GiB: two passes
     # Short batches with a vast vocabulary: the loss pass takes chunks of 1024 tokens (2 GiB),
     # d weight comes from the weight pass (blocks within the 64 MiB floor), so the 2.1 GiB of
     # logits are never alive beside it.
@@ -127,8 +134,9 @@ def test_default_plan_holds_about_the_hidden_states():
     # Logits that fit the budget (8 MB of 64 MiB): one chunk, one pass.
     small_vocab = torch.empty(1000, 2048, dtype=torch.bfloat16, device="meta")
     assert plan_chunks(4096, 2048, small_vocab) == (4096, None)
-    # An explicit chunk of every token is one pass; with a block, two.
+    # An explicit chunk without a block is one pass; with a block, two.
     assert plan_chunks(30, 64, small_vocab, chunk_size=30) == (30, None)
+    assert plan_chunks(30, 64, small_vocab, chunk_size=8) == (8, None)
     assert plan_chunks(30, 64, small_vocab, chunk_size=30, vocab_block=100) == (30, 100)
     # Never fewer than 64 rows, never more than there are.
     huge_vocab = torch.empty(2**22, 64, dtype=torch.float32, device="meta")

@@ -14,11 +14,14 @@ cuBLAS, rounded once), as in the unfused op: no gradient is accumulated across c
   block's rows of ``d weight`` are one matmul over all tokens.
 
 The weight pass costs a fourth GEMM. It replaces accumulating ``d weight`` over token
-chunks, which needs either an fp32 [V, H] buffer (2.4 GB for Qwen3's 151936 x 2048
-lm_head, and its traffic on every chunk) or a 16-bit one that rounds at every chunk
-(Liger's choice). A batch whose logits are at most ``ONE_PASS_BYTES`` (2 GiB: 4096 tokens
-of Qwen3's vocabulary) is one chunk, and its ``d weight`` comes from the same logits (three
-GEMMs): short batches are where speed, not memory, decides.
+chunks, which needs an fp32 [V, H] buffer (1.2 GB for Qwen3's 151936 x 2048 lm_head) beside
+each chunk's logits; a 16-bit one would round at every chunk (Liger's choice). Where speed
+rather than memory decides, d weight comes from the loss pass's own logits (three GEMMs):
+logits of at most ``ONE_PASS_BYTES`` (2 GiB: 4096 tokens of Qwen3's vocabulary) are one
+chunk; up to ``ACCUMULATE_BYTES`` (a micro-batch of 4 x 4096 tokens) they are a few equal
+chunks whose ``d weight`` GEMMs are summed in that fp32 buffer, which rounds each chunk's
+part once, as gradient accumulation over micro-batches of that size would. Longer batches,
+where memory is what runs out, take the two passes.
 
 Reductions: ``"sum"`` is the default because Loom normalises by a token count gathered
 across SP/DP ranks; ``"mean"`` divides by ``num_items`` when given, else by the local
@@ -157,8 +160,12 @@ MIN_BUFFER_BYTES = 64 << 20
 ROW_MULTIPLE = 64
 # Logits up to this size are computed whole, and d weight from them: three GEMMs instead of
 # four (4096 tokens x Qwen3's 151936 vocab: 13.3 against 18.3 ms on an H200, for 1.1 GiB
-# more). Beyond it, where memory is what long sequences run out of, two passes.
+# more).
 ONE_PASS_BYTES = 2 << 30
+# Up to this size, chunks of at most ONE_PASS_BYTES each give their part of d weight,
+# summed in fp32 (a [V, H] fp32 buffer more). Beyond it, where memory is what long
+# sequences run out of, two passes.
+ACCUMULATE_BYTES = 4 * ONE_PASS_BYTES
 
 
 def plan_chunks(
@@ -170,25 +177,28 @@ def plan_chunks(
     needs_dw: bool = True,
 ) -> tuple[int, int | None]:
     """(tokens per loss-pass chunk, vocabulary rows per weight-pass block, or None for one
-    pass: ``d weight`` from the loss pass's logits, all tokens in one chunk).
+    pass: ``d weight`` from the loss pass's logits, summed over the chunks in fp32 when
+    there are several).
 
     The weight pass holds ``d weight`` [V, H], ``d hidden`` and a [tokens, block] buffer of
     about ``max(bytes of hidden, MIN_BUFFER_BYTES)``. The loss pass runs before ``d weight``
     exists, so its [chunk, V] buffer may also take the room ``d weight`` will need: larger
-    chunks, no higher peak. One pass (peak: logits + d weight) when the logits are at most
-    ``ONE_PASS_BYTES`` or the buffer budget, or when ``chunk_size`` covers every token and
-    no ``vocab_block`` is given.
+    chunks, no higher peak. One pass when the logits are at most ``ONE_PASS_BYTES`` or the
+    buffer budget (one chunk), or at most ``ACCUMULATE_BYTES`` (equal chunks of at most
+    ``ONE_PASS_BYTES``, if the fp32 sum of d weight is no larger than one of them), or when
+    ``chunk_size`` is given without ``vocab_block``.
     """
     vocab, itemsize = weight.shape[0], weight.element_size()
     budget = max(n_tokens * hidden_size * itemsize, MIN_BUFFER_BYTES)
     if vocab_block is None:
-        one_pass = (
-            n_tokens * vocab * itemsize <= max(budget, ONE_PASS_BYTES)
-            if chunk_size is None
-            else chunk_size >= n_tokens
-        )
-        if one_pass:
+        if chunk_size is not None:
+            return max(1, min(chunk_size, n_tokens)), None
+        logits = n_tokens * vocab * itemsize
+        if logits <= max(budget, ONE_PASS_BYTES):
             return max(1, n_tokens), None
+        if needs_dw and logits <= ACCUMULATE_BYTES and weight.numel() * 4 <= ONE_PASS_BYTES:
+            pieces = -(-logits // ONE_PASS_BYTES)
+            return _rows_within(-(-n_tokens // pieces) + ROW_MULTIPLE - 1), None
         vocab_block = _rows_within(budget // max(1, n_tokens * itemsize))
     if chunk_size is None:
         chunk_budget = budget + (weight.numel() * itemsize if needs_dw else 0)
@@ -208,6 +218,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         one_pass = block is None
         dh = torch.empty_like(hidden) if want_dh else None
         dw = torch.zeros_like(weight) if want_dw and n_tokens == 0 else None
+        dw_sum = None  # fp32 sum of the chunks' d weight, when one pass has several
         logits_out = hidden.new_empty(n_tokens, vocab) if return_logits else None
         row_losses = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(row_losses)
@@ -220,8 +231,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if dh is not None:
                 torch.mm(grad, weight, out=dh[rows])
             if want_dw and one_pass:
-                dw = grad.T @ hidden
+                part = grad.T @ hidden[rows]
+                if chunk >= n_tokens:
+                    dw = part
+                else:
+                    dw_sum = part.float() if dw_sum is None else dw_sum.add_(part)
             del grad  # before the next chunk's matmul allocates its own
+        if dw_sum is not None:
+            dw = dw_sum.to(weight.dtype)
+            del dw_sum
         if want_dw and dw is None:
             dw = _weight_pass(hidden, weight, labels, lse, block, options)
         loss = row_losses.sum()
