@@ -83,16 +83,18 @@ def search(
 
     if not fits(low):
         return 0, probes
-    if not fits(2 * low):
-        return low, probes
-    lo, hi = 2 * low // step, high // step
-    a, b = probes[0]["peak_memory_gib"], probes[1]["peak_memory_gib"]
-    capacity = memory_gib or probes[0].get("device_memory_gib")
-    # No capacity, or peaks equal at both lengths (a fixed cost dominates): no prediction.
-    if capacity and b > a:
-        mid = min(max(int(2 * low + (capacity - b) * low / (b - a)) // step, lo + 1), hi)
-    else:
+    if not fits(2 * low):  # between the two: bisect there, no prediction
+        lo, hi = low // step, 2 * low // step - 1
         mid = (lo + hi + 1) // 2
+    else:
+        lo, hi = 2 * low // step, high // step
+        a, b = probes[0]["peak_memory_gib"], probes[1]["peak_memory_gib"]
+        capacity = memory_gib or probes[0].get("device_memory_gib")
+        # No capacity, or peaks equal at both lengths (a fixed cost dominates): no prediction.
+        if capacity and b > a:
+            mid = min(max(int(2 * low + (capacity - b) * low / (b - a)) // step, lo + 1), hi)
+        else:
+            mid = (lo + hi + 1) // 2
     while lo < hi:
         if fits(mid * step):
             lo = mid
