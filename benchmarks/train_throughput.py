@@ -146,11 +146,12 @@ def run_one(args) -> dict:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2**30 / total))
     torch.manual_seed(0)
     if args.system == "torchtitan":
-        return run_steps(args, *torchtitan_step(args, device))
+        step, fm = torchtitan_step(args)
+        return run_steps(args, step, fm, random_tokens(args, device))
     experts = "eager" if args.system == "hf-eager" else None
     model = random_model(args.shape, device, loom=args.system == "loom", experts=experts)
     fm = flop_model(model)
-    tokens = torch.randint(0, model.config.vocab_size, (args.micro, args.seq), device=device)
+    tokens = random_tokens(args, device)
     if args.system == "liger":
         import liger_kernel.transformers as liger
 
@@ -167,27 +168,24 @@ def run_one(args) -> dict:
     return run_steps(args, step, fm, tokens)
 
 
-def torchtitan_step(args, device: torch.device):
-    """torchtitan's step, the flop model of the same HF shape, and the tokens."""
+def random_tokens(args, device: torch.device) -> torch.Tensor:
+    vocab = SHAPES[args.shape]["vocab_size"]
+    return torch.randint(0, vocab, (args.micro, args.seq), device=device)
+
+
+def torchtitan_step(args):
+    """torchtitan's step, and the flop model of the same shape (read off HF's class)."""
+    from peers.torchtitan_step import torchtitan_step_fn
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from loom.trainer.flops import flop_model
 
-    sys.path.insert(0, str(Path(__file__).parent / "peers"))
-    from torchtitan_step import torchtitan_step_fn
-
     with torch.device("meta"):
-        fm = flop_model(
-            AutoModelForCausalLM.from_config(AutoConfig.for_model(**SHAPES[args.shape]))
-        )
-    step, _ = torchtitan_step_fn(
-        SHAPES[args.shape], args.seq, args.micro, args.accum, args.compile, args.ac, device,
-        attn_backend="sdpa",
-    )  # fmt: skip
-    tokens = torch.randint(
-        0, SHAPES[args.shape]["vocab_size"], (args.micro, args.seq), device=device
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**SHAPES[args.shape]))
+    step = torchtitan_step_fn(
+        SHAPES[args.shape], args.seq, args.micro, args.accum, args.compile, args.ac
     )
-    return step, fm, tokens
+    return step, flop_model(hf)
 
 
 def run_steps(args, step, fm, tokens) -> dict:

@@ -198,6 +198,7 @@ def plan_chunks(
             return max(1, n_tokens), None
         if needs_dw and logits <= ACCUMULATE_BYTES and weight.numel() * 4 <= ONE_PASS_BYTES:
             pieces = -(-logits // ONE_PASS_BYTES)
+            # equal chunks, rounded up to whole GEMM tiles
             return _rows_within(-(-n_tokens // pieces) + ROW_MULTIPLE - 1), None
         vocab_block = _rows_within(budget // max(1, n_tokens * itemsize))
     if chunk_size is None:
