@@ -9,7 +9,6 @@ fallback); and ``"torch"``, a per-sequence fp32 loop used as the reference in te
 
 from __future__ import annotations
 
-import functools
 import inspect
 import itertools
 import math
@@ -17,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from loom.kernels.dispatch import choose_attention_backend
+from loom.kernels.dispatch import choose_attention_backend, torch_varlen_available
 
 
 def varlen_attention(
@@ -118,18 +117,23 @@ def _sdpa_block_diagonal(q, k, v, cu_seqlens, causal, scale) -> torch.Tensor:
     return out.squeeze(0).transpose(0, 1)
 
 
-@functools.cache
 def _varlen_parameters() -> frozenset[str]:
+    if not torch_varlen_available():
+        return frozenset()
     from torch.nn.attention.varlen import varlen_attn
 
     return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+# Read once at import, not through a cached function, which Dynamo warns about.
+_VARLEN_PARAMETERS = _varlen_parameters()
 
 
 def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale) -> torch.Tensor:
     """torch's varlen_attn, whose keyword arguments changed between releases."""
     from torch.nn.attention.varlen import varlen_attn
 
-    params = _varlen_parameters()
+    params = _VARLEN_PARAMETERS
     kwargs = {}
     if "window_size" in params:  # torch >= 2.10: causal is a (-1, 0) window
         kwargs["window_size"] = (-1, 0) if causal else (-1, -1)

@@ -14,7 +14,6 @@ forces the Triton-only ops without giving up a faster library kernel; only the
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from typing import Literal
@@ -32,23 +31,31 @@ _ATTENTION_CHOICES = ("auto", "flash_attn", "varlen", "sdpa", "torch")
 _GROUPED_MM_CHOICES = ("auto", "grouped_mm", "triton", "torch")
 
 
-@functools.cache
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-@functools.cache
-def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-@functools.cache
-def torch_varlen_available() -> bool:
+def _torch_has_varlen() -> bool:
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+# Answered once, at import: the ops ask on every call, also inside torch.compile, where
+# Dynamo reads a module constant freely but warns about (and retraces) a cached function.
+_TRITON = importlib.util.find_spec("triton") is not None
+_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+_TORCH_VARLEN = _torch_has_varlen()
+
+
+def triton_available() -> bool:
+    return _TRITON
+
+
+def flash_attn_available() -> bool:
+    return _FLASH_ATTN
+
+
+def torch_varlen_available() -> bool:
+    return _TORCH_VARLEN
 
 
 def interpreter_enabled() -> bool:
