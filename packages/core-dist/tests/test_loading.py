@@ -19,7 +19,7 @@ from torch.distributed.tensor import Shard
 from loom.dist._safetensors_file import SafetensorsFile
 from loom.dist.export import export_safetensors
 from loom.dist.fsdp import apply_fsdp, mixed_precision
-from loom.dist.loading import load_safetensors, load_targets, materialize
+from loom.dist.loading import CheckpointError, load_safetensors, load_targets, materialize
 from loom.dist.mesh import init_parallel
 from loom.dist.plan import ParallelPlan
 
@@ -123,6 +123,23 @@ def test_reader_returns_any_region_of_any_dtype(tmp_path, dtype):
                 assert torch.equal(f.read(key, region), tensors[key][region]), (key, region)
 
 
+def test_truncated_file_names_file_and_tensor(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file(_state(TinyLM()), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: tensor '[\w.]+' ends at .*truncated"
+    ):
+        load_safetensors(TinyLM(), path)
+    path.write_bytes(data[:5])
+    with pytest.raises(CheckpointError, match=r"not a safetensors file, or truncated \(5 bytes"):
+        load_safetensors(TinyLM(), path)
+    path.write_bytes(data[:20])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_safetensors(TinyLM(), path)
+
+
 def test_errors_list_unexpected_mismatched_and_missing_keys(tmp_path):
     state = _state(TinyLM())
     state["head.weight"] = torch.zeros(3, 3)
@@ -148,15 +165,15 @@ def test_errors_list_unexpected_mismatched_and_missing_keys(tmp_path):
 def test_index_naming_a_missing_file_is_an_error(tmp_path):
     weight_map = {"embed.weight": "model-00001-of-00002.safetensors"}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    with pytest.raises(FileNotFoundError, match=r"lists model-00001-of-00002\.safetensors"):
+    with pytest.raises(CheckpointError, match=r"lists model-00001-of-00002\.safetensors"):
         load_safetensors(TinyLM(), tmp_path)
     save_file({"head.weight": torch.zeros(32, 16)}, tmp_path / "model-00001-of-00002.safetensors")
     with pytest.raises(ValueError, match=r"lacks 'embed\.weight', which model\.safetensors\.index"):
         load_safetensors(TinyLM(), tmp_path)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"empty: no \*\.safetensors files"):
+    with pytest.raises(CheckpointError, match=r"empty: no \*\.safetensors files"):
         load_safetensors(TinyLM(), tmp_path / "empty")
-    with pytest.raises(FileNotFoundError, match=r"checkpoint .*/elsewhere does not exist"):
+    with pytest.raises(CheckpointError, match=r"checkpoint .*/elsewhere does not exist"):
         load_safetensors(TinyLM(), tmp_path / "elsewhere")
 
 

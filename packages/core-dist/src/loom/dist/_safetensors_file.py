@@ -37,6 +37,11 @@ _DTYPES = {
 Region = tuple[slice, ...]  # one slice (step 1) per dimension
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model: the message names the
+    file and, where there is one, the tensor key. Bad input a user can fix."""
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     dtype: torch.dtype
@@ -59,17 +64,28 @@ class SafetensorsFile:
     def _read_header(self) -> dict[str, TensorInfo]:
         size = os.fstat(self._file.fileno()).st_size
         length = int.from_bytes(self._file.read(8), "little")
-        if not 0 < length <= size - 8:
-            raise ValueError(f"{self.path}: not a safetensors file (header length {length})")
-        header = json.loads(self._file.read(length))
+        if size < 8 or not 0 < length <= size - 8:
+            raise CheckpointError(
+                f"{self.path}: not a safetensors file, or truncated ({size} bytes, header "
+                f"length {length})"
+            )
+        try:
+            header = json.loads(self._file.read(length))
+        except ValueError as err:  # JSON or UTF-8
+            raise CheckpointError(f"{self.path}: unreadable safetensors header ({err})") from None
         header.pop("__metadata__", None)
         tensors = {}
         for key, entry in header.items():
             if entry["dtype"] not in _DTYPES:
-                raise ValueError(f"{self.path}: {key!r} has unsupported dtype {entry['dtype']}")
+                raise CheckpointError(
+                    f"{self.path}: {key!r} has unsupported dtype {entry['dtype']}"
+                )
             begin, end = entry["data_offsets"]
             if 8 + length + end > size:
-                raise ValueError(f"{self.path}: {key!r} ends past the end of the file")
+                raise CheckpointError(
+                    f"{self.path}: tensor {key!r} ends at byte {8 + length + end}, past the end "
+                    f"of the file ({size} bytes): the file is truncated; copy or download it again"
+                )
             tensors[key] = TensorInfo(
                 _DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + length + begin
             )
@@ -112,7 +128,7 @@ class SafetensorsFile:
             view = out.reshape(-1).view(torch.uint8).numpy()
             self._file.seek(start)
             if self._file.readinto(memoryview(view)) != view.nbytes:
-                raise ValueError(f"{self.path}: unexpected end of file reading a tensor")
+                raise CheckpointError(f"{self.path}: unexpected end of file reading a tensor")
             return
         stride = math.prod(shape[1:]) * itemsize
         for i, index in enumerate(range(region[0].start, region[0].stop)):

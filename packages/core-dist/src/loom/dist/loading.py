@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from loom.dist._safetensors_file import SafetensorsFile
+from loom.dist._safetensors_file import CheckpointError, SafetensorsFile
 
 INDEX_NAME = "model.safetensors.index.json"
 _SHOWN = 20  # keys listed per kind of problem in an error
@@ -76,11 +76,11 @@ def checkpoint_files(path: Path) -> dict[Path, list[str]]:
     """The safetensors files of an HF checkpoint and the keys each should hold.
 
     ``path``: a ``.safetensors`` file, or a directory with ``model.safetensors.index.json``
-    (sharded) or with safetensors files. Raises ``FileNotFoundError`` naming what is missing.
+    (sharded) or with safetensors files. Raises ``CheckpointError`` naming what is missing.
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_file():
         return {path: _file_keys(path)}
     index = path / INDEX_NAME
@@ -91,11 +91,11 @@ def checkpoint_files(path: Path) -> dict[Path, list[str]]:
             files.setdefault(path / name, []).append(key)
         for file in files:
             if not file.is_file():
-                raise FileNotFoundError(f"{index} lists {file.name}, which does not exist")
+                raise CheckpointError(f"{index} lists {file.name}, which does not exist")
         return files
     found = sorted(path.glob("*.safetensors"))
     if not found:
-        raise FileNotFoundError(f"{path}: no *.safetensors files and no {INDEX_NAME}")
+        raise CheckpointError(f"{path}: no *.safetensors files and no {INDEX_NAME}")
     return {file: _file_keys(file) for file in found}
 
 
@@ -153,7 +153,7 @@ def _check_headers(
         with SafetensorsFile(file) as f:
             for key in keys:
                 if key not in f.tensors:
-                    raise ValueError(f"{file} lacks {key!r}, which {INDEX_NAME} places there")
+                    raise CheckpointError(f"{file} lacks {key!r}, which {INDEX_NAME} places there")
                 if converter is not None and converter.can_handle(key):
                     continue
                 if key not in targets:
@@ -165,7 +165,10 @@ def _check_headers(
                         f"{key}: checkpoint {shape} vs model {tuple(targets[key].shape)}"
                     )
     if mismatched or unexpected:
-        raise ValueError(f"{path}: {_problems(mismatched, unexpected, [])}")
+        raise CheckpointError(
+            f"{path} does not fit the model its config builds: "
+            f"{_problems(mismatched, unexpected, [])}"
+        )
 
 
 def load_safetensors(
@@ -178,7 +181,8 @@ def load_safetensors(
 
     Every rank calls it (no collectives: each reads its own shards). Keys the model lacks,
     shape mismatches and model keys the checkpoint lacks (other than ``allow_missing``,
-    exact names) raise ``ValueError`` listing them. ``converter`` handles the checkpoint
+    exact names), like unreadable or truncated files, raise ``CheckpointError`` (a
+    ``ValueError``) naming them. ``converter`` handles the checkpoint
     keys whose layout differs from the model's.
     """
     path = Path(path)
@@ -203,7 +207,7 @@ def load_safetensors(
         converter.finalize()
     missing = sorted(set(targets) - set(report.loaded) - set(allow_missing))
     if missing:
-        raise ValueError(f"{path}: {_problems([], [], missing)}")
+        raise CheckpointError(f"{path}: {_problems([], [], missing)}")
     return report
 
 
@@ -215,10 +219,10 @@ def _fill_converted(
     report: LoadReport,
 ) -> None:
     if name not in targets:
-        raise ValueError(f"converter turned {source!r} into {name!r}, which the model lacks")
+        raise CheckpointError(f"converter turned {source!r} into {name!r}, which the model lacks")
     target = targets[name]
     if tuple(tensor.shape) != tuple(target.shape):
-        raise ValueError(
+        raise CheckpointError(
             f"converter turned {source!r} into {name!r} of shape {tuple(tensor.shape)}, "
             f"but the model's is {tuple(target.shape)}"
         )
