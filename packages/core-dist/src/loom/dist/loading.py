@@ -1,6 +1,6 @@
 """Model init on the meta device and streaming of HF safetensors weights into it.
 
-The order (DESIGN.md step 4): build the model under ``torch.device("meta")``, apply the
+The order (DESIGN.md step 4): build the model under ``meta_parameters()``, apply the
 parallel plan and FSDP, ``materialize`` (``to_empty`` + init: each rank allocates only
 its shards), then ``load_safetensors``. Loading opens one safetensors file at a time and
 reads, for every parameter, only the bytes of this rank's shard (plain reads, no memory
@@ -11,7 +11,8 @@ map), so no rank ever holds the full model. Tensors that go through a
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -52,17 +53,46 @@ class LoadReport:
     bytes_read: int = 0
 
 
+@contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Build modules with their parameters on the meta device and their buffers computed.
+
+    Buffers (rotary frequencies, embedding scales, masks) are computed at construction
+    and are often not in checkpoints: under ``torch.device("meta")`` their values would
+    be lost, and a module that only its own constructor knows how to fill (an embedding
+    scaled by a constant) would silently compute with garbage. Each parameter is moved
+    to meta as it is registered, so its CPU storage is never touched.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            attrs = dict(param.__dict__)
+            meta = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+            meta.__dict__.update(attrs)
+            module._parameters[name] = meta
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
 def materialize(
     model: nn.Module, device: torch.device, init: Callable[[nn.Module], None] | None = None
 ) -> nn.Module:
     """Allocate a meta-device model on ``device`` (only each rank's shards) and initialise it.
 
-    ``init(model)`` fills parameters and buffers; by default every submodule's
-    ``reset_parameters()`` runs. Non-persistent buffers (rotary frequencies) are not in
-    checkpoints, so ``init`` must compute them.
+    Buffers that hold values (built under ``meta_parameters``) keep them. ``init(model)``
+    fills the rest; by default every submodule's ``reset_parameters()`` runs.
     """
+    kept = {name: buf for name, buf in model.named_buffers() if not buf.is_meta}
     model.to_empty(device=device)
     with torch.no_grad():
+        for name, buf in kept.items():
+            model.get_buffer(name).copy_(buf)
         if init is not None:
             init(model)
         else:

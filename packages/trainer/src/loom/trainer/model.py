@@ -29,25 +29,13 @@ def build_model(
     path: Path, attn_implementation: str = "loom_sdpa", meta: bool = False
 ) -> nn.Module:
     """The model with fp32 master weights, freshly initialised on the CPU (every rank
-    alike: same seed), or on the meta device, to be sharded first and filled after."""
+    alike: same seed), or with its parameters on the meta device (buffers computed), to be
+    sharded first and filled after."""
+    from loom.dist.loading import meta_parameters
     from loom.models import build_model as build
 
-    with torch.device("meta" if meta else "cpu"):
+    with meta_parameters() if meta else torch.device("cpu"):
         return build(path, attn_implementation=attn_implementation, dtype=torch.float32)
-
-
-def recompute_buffers(model: nn.Module) -> None:
-    """Fill the non-persistent buffers a checkpoint does not hold (rotary frequencies)
-    after ``to_empty``: a fresh CPU copy of each module that has them computes them."""
-    for module in model.modules():
-        persistent = (
-            set(dict(module.named_buffers(recurse=False))) - module._non_persistent_buffers_set
-        )
-        if len(persistent) == len(module._buffers) or not hasattr(module, "config"):
-            continue
-        fresh = type(module)(config=module.config)
-        for name in module._non_persistent_buffers_set:
-            module._buffers[name].copy_(fresh._buffers[name])
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

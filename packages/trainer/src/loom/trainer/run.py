@@ -34,7 +34,6 @@ from loom.trainer.model import (
     enable_activation_checkpointing,
     has_weights,
     load_tokenizer,
-    recompute_buffers,
 )
 from loom.trainer.optim import build_optimizer, build_scheduler
 
@@ -181,7 +180,8 @@ def build_sharded_model(config: Config, parallel: ParallelState) -> nn.Module:
         model.to(parallel.device)
     shard_model(model, parallel, config.parallel.reshard_after_forward, config.parallel.cpu_offload)
     if pretrained:
-        materialize(model, parallel.device, init=recompute_buffers)
+        # buffers kept their values; every parameter is filled from the checkpoint next
+        materialize(model, parallel.device, init=lambda model: None)
         hooks = port_hooks(model.config.model_type)
         converter = hooks.converter(model.config) if hooks.converter else None
         load_safetensors(model, config.model.path, converter)
