@@ -85,19 +85,3 @@ def test_bad_data_line_is_named_before_launch(tmp_path):
     assert f"{data}:2: not valid JSON" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "r").exists()
-
-
-def test_sequence_parallelism_is_refused_without_a_port(tmp_path):
-    import shutil
-
-    model = tmp_path / "mistral"
-    shutil.copytree(ROOT / "examples/tiny/model", model)
-    config = json.loads((model / "config.json").read_text())
-    config.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=None)
-    (model / "config.json").write_text(json.dumps(config))
-    result = loom_train(
-        "--model.path", str(model), "--nproc", "2", "--parallel.sp_size", "2",
-        "--train.steps", "1", "--train.output_dir", str(tmp_path / "run"),
-    )  # fmt: skip
-    assert result.returncode != 0
-    assert "parallel.sp_size=2, but mistral has no Loom port" in result.stderr

@@ -25,6 +25,16 @@ def test_build_row_positions_and_boundaries():
         build_row([sample(9)], row_len=8, pad_id=0)
 
 
+def test_padding_attends_in_pieces_no_longer_than_a_sample():
+    # A sliding-window check of the longest piece must see the 2-token sample, not the
+    # 5 tokens of padding.
+    row = build_row([sample(2)], row_len=7, pad_id=0)
+    np.testing.assert_array_equal(row.cu_seqlens, [0, 2, 4, 6, 7])
+    np.testing.assert_array_equal(row.position_ids, [0, 1, 0, 1, 0, 1, 0])
+    assert np.diff(row.cu_seqlens).max() == 2
+    assert list(build_row([], row_len=4, pad_id=0).cu_seqlens) == [0, 4]
+
+
 def packer_inputs(sizes):
     samples = {i: sample(n, start=10 * i + 1) for i, n in enumerate(sizes)}
     draws = iter(range(len(sizes)))
@@ -39,7 +49,7 @@ def packer_inputs(sizes):
 def test_pack_greedy_keeps_whole_samples_when_told():
     draw, fetch = packer_inputs([3, 4, 2, 6, 1, 6])
     rows, left = pack_greedy(draw, fetch, lambda ref: False, [], 7, 0, n_rows=2)
-    assert [list(r.cu_seqlens) for r in rows] == [[0, 3, 7], [0, 2, 7]]
+    assert [list(r.cu_seqlens) for r in rows] == [[0, 3, 7], [0, 2, 4, 6, 7]]
     assert left == [(0, 3, 0)]  # drawn, did not fit: first in the next batch
     rows, left = pack_greedy(draw, fetch, lambda ref: False, left, 7, 0, n_rows=1)
     assert list(rows[0].cu_seqlens) == [0, 6, 7] and left == [(0, 5, 0)]

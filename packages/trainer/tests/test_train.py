@@ -18,7 +18,13 @@ from loom.trainer.model import (
     decoder_layers,
     enable_activation_checkpointing,
 )
-from loom.trainer.train import StepResult, forward_backward, rank_share, should_skip
+from loom.trainer.train import (
+    StepResult,
+    check_learns,
+    forward_backward,
+    rank_share,
+    should_skip,
+)
 
 
 @pytest.fixture
@@ -209,6 +215,13 @@ def test_nan_policy():
         assert should_skip(bad, "skip", 3)
         with pytest.raises(LoomError, match=r"step 3: .* not finite"):
             should_skip(bad, "stop", 3)
+
+
+def test_a_first_step_without_gradient_stops():
+    check_learns(StepResult(5.9, 1e-9, 10), 1)
+    check_learns(StepResult(5.9, 0.0, 10), 2)  # later: a step may be flat (frozen, clipped)
+    with pytest.raises(LoomError, match=r"step 1: the gradient norm is exactly 0 .* nothing"):
+        check_learns(StepResult(5.9, 0.0, 10), 1)
 
 
 def test_rank_share_splits_contiguously():

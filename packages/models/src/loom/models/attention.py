@@ -19,7 +19,9 @@ dense decoder layer mixes tokens.
 
 Neither has a sliding window: a model that passes ``sliding_window`` (Mixtral, Qwen2's
 sliding layers) is refused when a sample is longer than the window, the only case where
-the window changes anything.
+the window changes anything. Any other keyword that would change the math (logit
+softcapping, attention sinks, dropout, a non-causal mask, one this module does not know)
+is refused by name: a backend that dropped it would train a different model silently.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ from transformers import AttentionInterface
 from loom.kernels import varlen_attention
 
 LOOM_ATTENTION = ("loom_sdpa", "loom_varlen")
+# Keywords that reach the backend and change nothing it computes, or that it implements.
+_HANDLED = {
+    "scaling", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+    "max_length_k", "sliding_window", "dropout", "is_causal", "use_cache", "cache_position",
+    "output_attentions", "output_router_logits", "past_key_value", "past_key_values",
+}  # fmt: skip
 _sp_group: dist.ProcessGroup | None = None
 
 
@@ -71,7 +79,20 @@ def _attend(query, key, value, cu_seqlens, max_seqlen, scaling, single_sample, u
     return out.reshape(batch, seq, heads, dim)
 
 
+def _refuse_unimplemented(module, kwargs: dict) -> None:
+    for name, value in kwargs.items():
+        if name not in _HANDLED and value is not None:
+            raise ValueError(
+                f"Loom attention does not implement {name!r}, which "
+                f"{type(module).__name__} passes: it would change the model's math; use "
+                "model.attn_implementation: eager"
+            )
+    if kwargs.get("is_causal") is False:
+        raise ValueError(f"Loom attention is causal only; {type(module).__name__} is not causal")
+
+
 def _loom_attention(module, query, key, value, attention_mask, *, use_sdpa, **kwargs):
+    _refuse_unimplemented(module, kwargs)
     if attention_mask is not None:
         raise ValueError(
             "Loom attention takes packed rows without a padding mask: pass position_ids "

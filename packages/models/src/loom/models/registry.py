@@ -1,5 +1,6 @@
 """Which class builds a model: Loom's port for its ``model_type`` where one exists,
-upstream HF's otherwise.
+upstream HF's for the families proven to train with upstream's numbers through it
+(``UPSTREAM_FAMILIES``); any other model type is refused, by name.
 
 Ports register themselves (``loom/models/<model_type>/__init__.py``):
 
@@ -26,7 +27,12 @@ from loom.dist.loading import load_safetensors
 from loom.models import attention
 
 logger = logging.getLogger(__name__)
-PORTS = ("llama", "mixtral", "qwen2", "qwen3", "qwen3_moe")
+# A port is a folder with a patch config; nothing else lists them.
+PORTS = tuple(sorted(p.parent.name for p in Path(__file__).parent.glob("*/patch_config.py")))
+# Families without a port that train through their upstream class: each one is proven by
+# the convergence test against a plain upstream loop (tests/e2e/test_upstream_families.py,
+# on its toy in tests/toy_config/<model_type>_toy/). A family joins this list with its toy.
+UPSTREAM_FAMILIES = ("gemma2", "gpt_oss", "phi3")
 
 
 class Registry:
@@ -133,6 +139,36 @@ def model_class(config: PretrainedConfig) -> tuple[type[PreTrainedModel], bool]:
     return factory(architecture), True
 
 
+def eager_only_features(config: PretrainedConfig) -> list[str]:
+    """Attention features of ``config`` that only transformers' eager attention computes:
+    its sdpa attention and Loom's backends would drop them without an error."""
+    features = []
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        features.append("attention logit softcapping (config.attn_logit_softcapping)")
+    if config.model_type == "gpt_oss":
+        features.append("attention sinks (the attention layers' sinks parameters)")
+    return features
+
+
+def refusal(config: PretrainedConfig, attn_implementation: str) -> str | None:
+    """Why Loom will not train ``config`` with ``attn_implementation``, or None."""
+    model_type = config.model_type
+    if MODELING_REGISTRY.get(model_type) is None and model_type not in UPSTREAM_FAMILIES:
+        return (
+            f"model_type {model_type!r} has no Loom port and is not among the upstream "
+            f"families proven to train with upstream's numbers ({', '.join(UPSTREAM_FAMILIES)});"
+            f" Loom ports: {', '.join(PORTS)}. docs/adding_a_model.md shows how to add one"
+        )
+    features = eager_only_features(config)
+    if features and attn_implementation != "eager":
+        return (
+            f"model_type {model_type!r} uses {' and '.join(features)}, which "
+            f"model.attn_implementation {attn_implementation!r} does not compute; "
+            "use model.attn_implementation: eager"
+        )
+    return None
+
+
 def build_model(
     source: str | Path | PretrainedConfig | dict,
     attn_implementation: str = "loom_sdpa",
@@ -144,13 +180,16 @@ def build_model(
     attention.register()
     config = load_config(source)
     config.use_cache = False
+    problem = refusal(config, attn_implementation)
+    if problem:
+        raise ValueError(problem)
     if moe_implementation is not None:
         config._moe_implementation = moe_implementation
     cls, is_port = model_class(config)
     if not is_port:
         logger.warning(
-            "no Loom port for model_type %r: training upstream %s unpatched (no fused kernels; "
-            "sequence and expert parallelism are refused)",
+            "no Loom port for model_type %r: training upstream %s unpatched (proven equal to "
+            "upstream's loop; no fused kernels; sequence and expert parallelism are refused)",
             config.model_type,
             cls.__name__,
         )

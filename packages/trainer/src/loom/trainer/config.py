@@ -268,6 +268,7 @@ def check_inputs(config: Config) -> None:
         raise ConfigError(
             f"model.path {config.model.path} has no config.json; point it at a model directory"
         )
+    check_model(config)
     for i, source in enumerate(config.data.sources):
         if source.streaming:
             _check_stream(f"data.sources[{i}]", source, config.data.strict)
@@ -283,6 +284,30 @@ def check_inputs(config: Config) -> None:
             problem = first_bad_line(source.path, source.column, source.format)
             if problem:
                 raise DataError(problem)
+
+
+def check_model(config: Config) -> None:
+    """Refuse, before any process starts, a model Loom cannot train with upstream's
+    numbers under this config: no port and not a proven family, an attention feature
+    the chosen backend would drop, a layout only ports support."""
+    from loom.models.registry import PORTS, load_config, refusal
+
+    try:
+        model_config = load_config(config.model.path)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(
+            f"model.path {config.model.path}: cannot read config.json: {err}"
+        ) from None
+    problem = refusal(model_config, config.model.attn_implementation)
+    if problem:
+        raise ConfigError(f"model.path {config.model.path}: {problem}")
+    model_type, p = model_config.model_type, config.parallel
+    for key, size in (("sp_size", p.sp_size), ("ep_size", p.ep_size)):
+        if size > 1 and model_type not in PORTS:
+            raise ConfigError(
+                f"parallel.{key}={size}, but {model_type} has no Loom port: only ports are "
+                "proven under sequence and expert parallelism; use 1"
+            )
 
 
 def _check_stream(key: str, source: SourceConfig, strict: bool) -> None:

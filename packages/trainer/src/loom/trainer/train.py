@@ -139,6 +139,17 @@ def should_skip(result: StepResult, policy: str, step: int) -> bool:
     )
 
 
+def check_learns(result: StepResult, step: int) -> None:
+    """Stop when the first step's gradient is exactly zero: nothing can learn (a model whose
+    weights or buffers did not load, everything frozen, every label ignored)."""
+    if step == 1 and result.grad_norm == 0.0:
+        raise LoomError(
+            f"step 1: the gradient norm is exactly 0 (loss {result.loss:.6g}, "
+            f"{result.loss_tokens} loss tokens): nothing can learn; check that model.path's "
+            "weights load and that the data has tokens to predict"
+        )
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -184,6 +195,7 @@ def train_step(run: Run) -> dict:
     micro = rank_share(rows, parallel.dp_rank, parallel.dp_size, cfg.micro_batch_size)
     loss = forward_backward(run.model, micro, loss_tokens, parallel)
     result = StepResult(loss, grad_norm_and_clip(run.model, cfg.grad_clip), loss_tokens)
+    check_learns(result, run.step + 1)
     lr = run.scheduler.get_last_lr()[0]
     skipped = should_skip(result, cfg.nan_policy, run.step + 1)
     if not skipped:

@@ -21,7 +21,7 @@ class Row:
     input_ids: np.ndarray  # [row_len] int64
     labels: np.ndarray  # [row_len] int64
     position_ids: np.ndarray  # [row_len] int64
-    cu_seqlens: np.ndarray  # [samples + 1] int32, the padding counted as one more sample
+    cu_seqlens: np.ndarray  # [pieces + 1] int32: the samples, then the padding's pieces
 
     @property
     def loss_tokens(self) -> int:
@@ -29,16 +29,22 @@ class Row:
 
 
 def build_row(samples: list[tuple[np.ndarray, np.ndarray]], row_len: int, pad_id: int) -> Row:
-    """Concatenate ``samples`` (each ``(ids, labels)``) and pad to ``row_len``."""
+    """Concatenate ``samples`` (each ``(ids, labels)``) and pad to ``row_len``.
+
+    The padding attends in pieces no longer than the row's longest sample: no piece of
+    attention is then longer than a real sample, so a check of sample lengths against a
+    sliding window sees real lengths only (the padding's outputs count for nothing)."""
     lengths = [len(ids) for ids, _ in samples]
     used = sum(lengths)
     if used > row_len:
         raise ValueError(f"samples of {used} tokens do not fit a row of {row_len}")
     pad = row_len - used
+    piece = max(lengths, default=0) or row_len
+    pieces = [piece] * (pad // piece) + ([pad % piece] if pad % piece else [])
     ids = np.concatenate([s[0] for s in samples] + [np.full(pad, pad_id)]).astype(np.int64)
     labels = np.concatenate([s[1] for s in samples] + [np.full(pad, IGNORE_INDEX)])
-    position_ids = np.concatenate([np.arange(n) for n in lengths] + [np.arange(pad)])
-    bounds = np.cumsum([0, *lengths, *([pad] if pad else [])])
+    position_ids = np.concatenate([np.arange(n) for n in lengths + pieces])
+    bounds = np.cumsum([0, *lengths, *pieces])
     return Row(ids, labels.astype(np.int64), position_ids.astype(np.int64), bounds.astype(np.int32))
 
 
