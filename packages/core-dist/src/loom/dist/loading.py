@@ -196,7 +196,7 @@ def _check_headers(
                     )
     if mismatched or unexpected:
         raise CheckpointError(
-            f"{path} does not fit the model its config builds: "
+            f"{path} does not fit the model (saved from another config?): "
             f"{_problems(mismatched, unexpected, [])}"
         )
 

@@ -3,7 +3,11 @@
     loom train CONFIG [--section.key value ...] [--nproc N]
 
 ``--nproc N`` starts N processes on this machine with torchrun, each running the same
-command without ``--nproc``. Bad input is reported once, before any process starts.
+command without ``--nproc``. Bad input is reported as one ``error:`` line and exit status
+2: before any process starts where the launcher can see it, else by the ranks, which write
+their message into ``$LOOM_ERROR_DIR`` for the launcher to print once (torchrun's report of
+the failed ranks is dropped: see ``loom.trainer.launch``). ``LOOM_DEBUG=1`` adds the
+traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 import yaml
@@ -42,39 +48,95 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+ERROR_DIR_ENV = "LOOM_ERROR_DIR"
+
+
 def _under_launcher() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
-def prepare_output_dir(config: Config) -> None:
+def _print_error(message: str) -> None:
+    text = Text.assemble(("error: ", "bold red"), message)
+    Console(stderr=True).print(text, soft_wrap=True, highlight=False)
+
+
+def _report(err: LoomError) -> None:
+    """Tell the user once: printed here (one process, or ranks torchrun started by hand:
+    rank 0), or, under the ``loom`` launcher, written for it to print."""
+    if os.environ.get("LOOM_DEBUG") == "1":
+        traceback.print_exception(err)
+    rank = os.environ.get("RANK", "0")
+    error_dir = os.environ.get(ERROR_DIR_ENV)
+    if error_dir and _under_launcher():
+        (Path(error_dir) / f"rank{rank}").write_text(str(err))
+    elif rank == "0":
+        _print_error(str(err))
+
+
+def _aside(out: Path) -> Path:
+    return out.with_name(f".{out.name}.replaced")
+
+
+def prepare_output_dir(config: Config) -> Path | None:
     """Refuse to write into a directory that holds an earlier run, unless told to
     resume it (a complete checkpoint and ``checkpoint.resume`` not ``none``) or to
-    replace it (``train.overwrite``)."""
+    replace it (``train.overwrite``). A run to replace is moved aside, not deleted, until
+    the new run has trained (``settle_output_dir``); returns where it went, if it did."""
     out = config.train.output_dir
     if not out.exists() or not any(out.iterdir()):
-        return
+        return None
     if config.train.overwrite:
-        shutil.rmtree(out)
-        return
+        aside = _aside(out)
+        shutil.rmtree(aside, ignore_errors=True)  # left by a launcher that was killed
+        out.rename(aside)
+        return aside
     from loom.trainer.checkpointing import resume_from
 
     if config.checkpoint.resume != "none" and resume_from(out, config.checkpoint.resume):
-        return
+        return None
     raise ConfigError(
         f"train.output_dir {out} already holds files from an earlier run and no checkpoint "
         "to resume; choose another directory or pass --train.overwrite true to replace it"
     )
 
 
+def settle_output_dir(out: Path, aside: Path | None, failed: bool) -> None:
+    """Drop the replaced run once the new one has trained a step; put it back when the new
+    run failed before that (bad input must not cost the user their earlier run)."""
+    if aside is None or not aside.exists():
+        return
+    metrics = out / "metrics.jsonl"
+    if failed and not (metrics.is_file() and metrics.stat().st_size):
+        shutil.rmtree(out, ignore_errors=True)
+        aside.rename(out)
+    else:
+        shutil.rmtree(aside)
+
+
 def _launch(nproc: int, config_path: Path, overrides: list[str]) -> int:
-    """Run torchrun as a child; a SIGTERM / SIGINT sent to this process is passed on, so a
-    scheduler's preemption reaches the ranks (which save and stop) instead of orphaning them."""
+    """Run torchrun as a child and print the first error its ranks reported; a SIGTERM /
+    SIGINT sent to this process is passed on, so a scheduler's preemption reaches the
+    ranks (which save and stop) instead of orphaning them."""
+    with tempfile.TemporaryDirectory(prefix="loom-errors-") as error_dir:
+        env = {**os.environ, ERROR_DIR_ENV: error_dir}
+        # torchrun would set it to 1 as well, with a banner saying so.
+        env.setdefault("OMP_NUM_THREADS", "1")
+        code = _run_torchrun(nproc, config_path, overrides, env)
+        reports = sorted(Path(error_dir).iterdir(), key=lambda f: int(f.name.removeprefix("rank")))
+        if code and reports:
+            rank = reports[0].name.removeprefix("rank")
+            _print_error(("" if rank == "0" else f"rank {rank}: ") + reports[0].read_text())
+            return 2
+    return code
+
+
+def _run_torchrun(nproc: int, config_path: Path, overrides: list[str], env: dict) -> int:
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        sys.executable, "-m", "loom.trainer.launch", "--standalone",
         f"--nproc_per_node={nproc}", "-m", "loom.trainer.cli", "train", str(config_path),
         *overrides,
     ]  # fmt: skip
-    child = subprocess.Popen(command)
+    child = subprocess.Popen(command, env=env)
     received: list[int] = []
 
     def forward(signum, frame) -> None:
@@ -116,26 +178,37 @@ def _check_devices(nproc: int) -> None:
         )
 
 
+def _train_here(config: Config) -> int:
+    from loom.dist.loading import CheckpointError  # torch import only where it is needed
+    from loom.trainer.train import train
+
+    try:
+        train(config)
+    except CheckpointError as err:  # loom.dist cannot raise the trainer's errors
+        raise ConfigError(f"model.path: {err}") from err
+    return 0
+
+
 def train_command(config_path: Path, nproc: int, overrides: list[str]) -> int:
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
     config = load_config(config_path, overrides)
     if _under_launcher():
-        from loom.trainer.train import train  # torch import only where it is needed
-
-        train(config)
-        return 0
+        return _train_here(config)
     check_inputs(config)
     config.check_world(_data_parallel_size(config, nproc))
     _check_devices(nproc)
-    prepare_output_dir(config)
-    if nproc > 1:
-        # The launched ranks must not clear the directory again.
-        return _launch(nproc, config_path, [*overrides, "--train.overwrite", "false"])
-    from loom.trainer.train import train
-
-    train(config)
-    return 0
+    aside = prepare_output_dir(config)
+    code = 1
+    try:
+        if nproc > 1:
+            # The launched ranks must not clear the directory again.
+            code = _launch(nproc, config_path, [*overrides, "--train.overwrite", "false"])
+        else:
+            code = _train_here(config)
+    finally:
+        settle_output_dir(config.train.output_dir, aside, failed=code != 0)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,9 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             Console(stderr=True).print(f"stopped: {err}", soft_wrap=True, highlight=False)
         return 143  # what a shell reports for SIGTERM
     except LoomError as err:
-        if os.environ.get("RANK", "0") == "0":  # one report, not one per process
-            message = Text.assemble(("error: ", "bold red"), str(err))
-            Console(stderr=True).print(message, soft_wrap=True, highlight=False)
+        _report(err)
         return 2
 
 

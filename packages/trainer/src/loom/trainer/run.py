@@ -20,7 +20,7 @@ from loom.models.registry import port_hooks
 from loom.trainer.checkpointing import resume_from
 from loom.trainer.config import Config, DataConfig, SourceConfig, dump_config
 from loom.trainer.data.loader import BatchLoader
-from loom.trainer.data.samples import tokenize_source
+from loom.trainer.data.samples import check_vocab, tokenize_source
 from loom.trainer.data.sources import load_source
 from loom.trainer.data.streaming import StreamSource, stream_shards
 from loom.trainer.errors import ConfigError
@@ -196,6 +196,7 @@ def build_run(config: Config, parallel: ParallelState) -> Run:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(config, out / "config.yaml")
     tokenizer = load_tokenizer(config.model.path)
+    check_vocab(tokenizer, config.model.path)
     loader = build_loader(config, tokenizer, console)
     model = build_sharded_model(config, parallel)
     optimizer = build_optimizer(

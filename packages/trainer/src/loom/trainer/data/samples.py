@@ -8,14 +8,32 @@ packed row or a rank's slice never needs its neighbour's tokens to find its labe
 from __future__ import annotations
 
 import bisect
+from pathlib import Path
 
 import datasets
 import numpy as np
 
 from loom.trainer.data.sources import Format
-from loom.trainer.errors import DataError
+from loom.trainer.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
+
+
+def check_vocab(tokenizer, model_path: Path) -> None:
+    """Refuse a tokenizer that can produce ids the model has no embedding for, before any
+    data is read: the forward would otherwise stop on the first such token (an IndexError
+    on the CPU, a device-side assert on CUDA)."""
+    from transformers import AutoConfig
+
+    vocab_size = AutoConfig.from_pretrained(model_path).get_text_config().vocab_size
+    largest = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1) - 1
+    if largest >= vocab_size:
+        raise ConfigError(
+            f"model.path {model_path}: the tokenizer's largest token id is {largest} "
+            f"({len(tokenizer)} tokens), but the model's vocab_size is {vocab_size}, so ids "
+            f"{vocab_size} and up have no embedding; use the tokenizer the model was trained "
+            f"with, or resize the model's embeddings to at least {largest + 1} rows first"
+        )
 
 
 def shift_labels(ids: list[int], supervised: list[bool]) -> list[int]:
