@@ -60,8 +60,6 @@ class Registry:
 
 MODELING_REGISTRY = Registry("MODELING_REGISTRY")  # model_type -> fn(architecture) -> class
 PORT_HOOKS_REGISTRY = Registry("PORT_HOOKS_REGISTRY")  # model_type -> fn() -> PortHooks
-MODEL_CONFIG_REGISTRY = Registry("MODEL_CONFIG_REGISTRY")  # model_type -> fn() -> config class
-MODEL_PROCESSOR_REGISTRY = Registry("MODEL_PROCESSOR_REGISTRY")  # class name -> fn() -> class
 
 
 @dataclass(frozen=True)
@@ -114,20 +112,7 @@ def load_config(source: str | Path | PretrainedConfig | dict) -> PretrainedConfi
         return source
     if isinstance(source, dict):
         return AutoConfig.for_model(**source)
-    model_type = _peek_model_type(Path(source))
-    config_cls = MODEL_CONFIG_REGISTRY.get(model_type) if model_type else None
-    if config_cls is not None:
-        return config_cls().from_pretrained(source)
     return AutoConfig.from_pretrained(source)
-
-
-def _peek_model_type(path: Path) -> str | None:
-    import json
-
-    config_file = path / "config.json" if path.is_dir() else path
-    if not config_file.is_file():
-        return None
-    return json.loads(config_file.read_text()).get("model_type")
 
 
 def model_class(config: PretrainedConfig) -> tuple[type[PreTrainedModel], bool]:
