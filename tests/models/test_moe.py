@@ -4,8 +4,9 @@ runs for both ports, on their toy configs (whose expert sizes are pairwise disti
 
 - eager and fused experts vs upstream HF (v5: its eager experts and its default
   experts implementation; v4: its per-expert loop, upstream's state dict converted to
-  Loom's stacked layout): loss, aux loss, router logits, grad norm (CPU fp32, tight);
-  packed rows under every attention backend the trainer uses;
+  Loom's stacked layout): loss, aux loss, router logits and every parameter's gradient
+  by name (upstream's gradients mapped through the same layout conversion as its
+  weights; CPU fp32, tight); packed rows under every attention backend the trainer uses;
 - ep 1, 2 and 4 on gloo (experts ``Shard(0)`` over the ep mesh, FSDP2 over the dense
   and expert meshes, the loss scaled as the trainer scales it) give the single-process
   loss, every gradient and the clipped-norm of the port;
@@ -44,6 +45,10 @@ from loom.models.qwen3_moe.converter import to_hf as qwen3_moe_to_hf
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "packages" / "core-dist" / "tests"))
 from _dist_harness import assert_close, run_distributed  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _grads import assert_grads_match  # noqa: E402
+from test_models_patch import packed_batch  # noqa: E402
 
 RTOL, ATOL = 1e-5, 1e-6  # fp32 on CPU
 WORLD = 4
@@ -131,15 +136,17 @@ def loom_state_dict(case: MoeCase, state_dict: dict) -> dict:
     return convert_all(case.make_converter(), state_dict)
 
 
-def grad_norm(model) -> torch.Tensor:
-    return torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None))
+def in_loom_layout(case: MoeCase) -> Callable[[dict], dict]:
+    """``rename`` for ``assert_grads_match``: upstream's gradients converted as its
+    weights are (stacking and renaming are linear, so they map gradients too)."""
+    return functools.partial(loom_state_dict, case)
 
 
 def step(model, ids, labels, **kwargs):
     model.zero_grad(set_to_none=True)
     out = model(input_ids=ids, labels=labels, **kwargs)
     out.loss.backward()
-    return out, grad_norm(model)
+    return out
 
 
 @functools.cache
@@ -159,8 +166,8 @@ def test_forward_backward_matches_upstream(name, moe, upstream_experts):
     for layer in case.sparse_layers:
         assert isinstance(model.model.layers[layer].mlp.experts, StackedExperts)
     ids, _ = batch(0)
-    want, want_norm = step(hf, ids, ids)  # HF-style labels, shifted inside
-    got, got_norm = step(model, ids, ids)
+    want = step(hf, ids, ids)  # HF-style labels, shifted inside
+    got = step(model, ids, ids)
     assert got.logits is None and isinstance(got.aux_loss, torch.Tensor)
     torch.testing.assert_close(got.loss, want.loss, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(got.aux_loss, want.aux_loss, rtol=RTOL, atol=ATOL)
@@ -168,27 +175,19 @@ def test_forward_backward_matches_upstream(name, moe, upstream_experts):
     for g, w in zip(got.router_logits, want.router_logits, strict=True):
         assert g.shape == (ids.numel(), case.experts)
         torch.testing.assert_close(g, w, rtol=RTOL, atol=ATOL)
-    torch.testing.assert_close(got_norm, want_norm, rtol=RTOL, atol=ATOL)
+    assert_grads_match(model, hf, rtol=RTOL, atol=ATOL, rename=in_loom_layout(case))
 
 
-def packed_rows(lengths=((5, 9, 2), (16,)), seed: int = 4):
-    """Two rows of 16 tokens: three samples, then one; position ids restart per sample,
-    labels are shifted within samples."""
-    gen = torch.Generator().manual_seed(seed)
-    ids, labels, positions = [], [], []
-    for row in lengths:
-        samples = [torch.randint(0, 256, (n,), generator=gen) for n in row]
-        ids.append(torch.cat(samples))
-        labels.append(torch.cat([torch.cat([s[1:], torch.tensor([-100])]) for s in samples]))
-        positions.append(torch.cat([torch.arange(n) for n in row]))
-    return torch.stack(ids), torch.stack(labels), torch.stack(positions)
+def packed_rows():
+    """Two rows of 16 tokens (three samples, then one): ids, labels, position ids."""
+    return packed_batch(256, seed=4)[:3]
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "loom_sdpa", "loom_varlen"])
 @pytest.mark.parametrize("name", MODELS)
 def test_attention_backends_on_packed_rows(name, backend):
     """Packed rows under the trainer's attention backends: upstream eager's cross-entropy
-    plus its weighted aux loss, and its grad norm."""
+    plus its weighted aux loss, and every parameter's gradient."""
     hf, case = reference(name), CASES[name]
     model = build_model(case.path, attn_implementation=backend, moe_implementation="fused")
     model.load_state_dict(loom_state_dict(case, hf.state_dict()))
@@ -202,7 +201,7 @@ def test_attention_backends_on_packed_rows(name, backend):
     got = model(input_ids=ids, position_ids=positions, shift_labels=labels).loss
     got.backward()
     torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
-    torch.testing.assert_close(grad_norm(model), grad_norm(hf), rtol=RTOL, atol=ATOL)
+    assert_grads_match(model, hf, rtol=RTOL, atol=ATOL, rename=in_loom_layout(case))
 
 
 @pytest.mark.parametrize("name", MODELS)
