@@ -64,12 +64,13 @@ def tests(session: nox.Session, transformers: str) -> None:
             *editable, "pytest", "pytest-timeout", "tensorboard", f"transformers=={transformers}",
             env={"UV_NO_CONFIG": "1"},  # the root's constraints pin the locked version
         )  # fmt: skip
-        # The multi-process e2e suites (marked slow) run once, under the locked version.
+        # The multi-process e2e suites (marked slow) run once, under the locked version,
+        # but for a few cheap cases that prove the v4 ports in parallel (v4_parallel).
         paths = [
             "packages",
             "tests",
             "-m",
-            "not slow",
+            "not slow or v4_parallel",
             *(f"--ignore={p}" for p in TRANSFORMERS_FREE),
         ]
     session.run("pytest", *(session.posargs or paths))

@@ -1,6 +1,6 @@
 """Every parallel layout trains the same model: CLI runs of the toy configs (CPU, gloo,
-FSDP2 always on) over world sizes and sequence parallelism give the per-step loss and
-grad norm of a single process, for 2 epochs of 2 steps each."""
+FSDP2 always on) over layouts of 2 and 4 ranks give the per-step loss and grad norm of a
+single process, for 2 epochs of 2 steps each, and export the same weights."""
 
 import json
 import shutil
@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 import yaml
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,19 +20,50 @@ TOY = ROOT / "tests/toy_config"
 TOKENIZER = ROOT / "examples/tiny/model"
 CORPUS = ROOT / "examples/tiny/corpus.jsonl"
 RTOL = 1e-5  # fp32 on CPU; reductions run in a different order per layout
-LAYOUTS = [  # (processes, extra overrides)
-    (2, []),  # dp 2
-    (2, ["--parallel.sp_size", "2"]),  # sp 2
+DENSE = ["llama", "qwen2", "qwen3"]
+MOE = ["qwen3_moe", "mixtral"]
+SP2 = ["--parallel.sp_size", "2"]
+EP2 = ["--parallel.ep_size", "2"]
+AC = ["--train.activation_checkpointing", "true"]
+# With 4 data-parallel ranks, one row each makes the global batch of 4 rows.
+HSDP = ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2", "--train.micro_batch_size", "1"]
+PINS_MEMORY = pytest.mark.xfail(strict=True, reason="loom.dist.fsdp pins memory on a CPU-only host")
+V4 = pytest.mark.v4_parallel  # also run under transformers v4 (noxfile's tests(4.57.3))
+# Under v4 every 2-rank MoE layout (dp, ep, sp) drifts from one process from step 2 on
+# (7.7e-5 in loss by step 4), the same for all of them: a bug to find, not a tolerance.
+V4_MOE_DRIFT = pytest.mark.xfail(
+    transformers.__version__ < "5", strict=True, reason="v4 MoE: 2 ranks drift from 1 process"
+)
+
+
+def case(name: str, layout: str, nproc: int, extra: list[str], *marks) -> pytest.param:
+    return pytest.param(name, nproc, extra, id=f"{name}-{layout}", marks=marks)
+
+
+# The 2-rank layouts run on every toy model; the 4-rank ones on one dense and one MoE
+# model, each run proving two things where it can (a layout and an option).
+CASES = [
+    *(case(name, "dp2", 2, []) for name in DENSE),
+    *(case(name, "sp2", 2, SP2, *([V4] if name == "qwen3" else [])) for name in DENSE),
+    case("qwen3", "sp4-ac", 4, ["--parallel.sp_size", "4", *AC]),
+    case("qwen3", "hsdp2x2", 4, HSDP),
+    # FSDP2's CPUOffloadPolicy pins host memory by default, which needs a CUDA driver.
+    # Once loom.dist.fsdp does not, fold the option into hsdp2x2 and drop this run.
+    case("qwen3", "dp2-offload", 2, ["--parallel.cpu_offload", "true"], PINS_MEMORY),
+    # Experts spread over the ranks, and over the SP group. The router aux loss is a mean
+    # over micro-batches, so it is layout-independent across dp and ep; under SP its sums
+    # are taken over the whole sequence (loom.models.moe_loss).
+    *(case(name, "dp2", 2, []) for name in MOE),
+    *(case(name, "ep2", 2, EP2) for name in MOE),
+    *(
+        case(name, "sp2xep2", 2, [*SP2, *EP2], *([V4, V4_MOE_DRIFT] if name == "qwen3_moe" else []))
+        for name in MOE
+    ),
+    # Also the dp 2 x sp 2 mesh. Not ep 4 over dp 4: one row per micro-batch would change
+    # the aux loss, whose load-balancing term is taken per micro-batch (as upstream's is
+    # per forward).
+    case("qwen3_moe", "dp2xsp2-ep4", 4, [*SP2, "--parallel.ep_size", "4"]),
 ]
-# Experts spread over 2 ranks, and over the SP group. The router aux loss is a mean over
-# micro-batches, so it is layout-independent across dp and ep; under SP its sums are taken
-# over the whole sequence (loom.models.moe_loss).
-MOE_LAYOUTS = [
-    (2, []),
-    (2, ["--parallel.ep_size", "2"]),
-    (2, ["--parallel.sp_size", "2", "--parallel.ep_size", "2"]),
-]
-MOE = {"qwen3_moe", "mixtral"}
 
 
 def toy_model_dir(name: str, out: Path) -> Path:
@@ -42,33 +76,14 @@ def toy_model_dir(name: str, out: Path) -> Path:
     return model
 
 
-def run(config: Path, out: Path, nproc: int, extra: list[str]) -> list[dict]:
-    command = [sys.executable, "-m", "loom.trainer.cli", "train", str(config)]
-    command += ["--nproc", str(nproc), "--train.output_dir", str(out), *extra]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "name",
-    [
-        "llama",
-        "qwen2",
-        "qwen3",
-        "qwen3_moe",
-        "mixtral",
-    ],
-)
-def test_layouts_match_single_process(name, tmp_path):
-    data = tmp_path / "data.jsonl"
+def train_config(name: str, out: Path) -> Path:
+    data = out / "data.jsonl"
     data.write_text("".join(CORPUS.read_text().splitlines(keepends=True)[:6]))
-    config = tmp_path / "train.yaml"
+    config = out / "train.yaml"
     config.write_text(
         yaml.safe_dump(
             {
-                "model": {"path": str(toy_model_dir(name, tmp_path))},
+                "model": {"path": str(toy_model_dir(name, out))},
                 "data": {"path": str(data), "max_seq_len": 64},
                 "train": {
                     "output_dir": "unused", "steps": 4, "global_batch_size": 4,
@@ -78,13 +93,52 @@ def test_layouts_match_single_process(name, tmp_path):
             }
         )
     )  # fmt: skip
-    reference = run(config, tmp_path / "single", 1, [])
-    assert reference[-1]["epoch"] >= 1.8, "the data should last about 2 steps per epoch"
-    # The export is in HF's layout (per-expert keys for MoE): upstream's class loads it.
-    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "single/hf", output_loading_info=True)
-    assert not any(info.values()), info
-    for nproc, extra in MOE_LAYOUTS if name in MOE else LAYOUTS:
-        records = run(config, tmp_path / f"run-{nproc}-{'-'.join(extra)}", nproc, extra)
-        for want, got in zip(reference, records, strict=True):
-            for key in ("loss", "grad_norm"):
-                assert got[key] == pytest.approx(want[key], rel=RTOL), (extra, want, got)
+    return config
+
+
+def run(config: Path, out: Path, nproc: int, extra: list[str]) -> list[dict]:
+    command = [sys.executable, "-m", "loom.trainer.cli", "train", str(config)]
+    command += ["--nproc", str(nproc), "--train.output_dir", str(out), *extra]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single_runs() -> dict:
+    return {}
+
+
+@pytest.fixture
+def single(name, single_runs, tmp_path_factory) -> tuple[Path, Path, list[dict]]:
+    """One process's run of this model (its config, run directory and metrics), made once
+    per module and shared by all the layouts compared with it."""
+    if name not in single_runs:
+        out = tmp_path_factory.mktemp(name)
+        config = train_config(name, out)
+        records = run(config, out / "single", 1, [])
+        assert records[-1]["epoch"] >= 1.8, "the data should last about 2 steps per epoch"
+        # The export is in HF's layout (per-expert keys for MoE): upstream's class loads it.
+        _, info = AutoModelForCausalLM.from_pretrained(out / "single/hf", output_loading_info=True)
+        assert not any(info.values()), info
+        single_runs[name] = config, out / "single", records
+    return single_runs[name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "nproc", "extra"), CASES)
+def test_layout_matches_single_process(name, nproc, extra, single, request):
+    config, reference_dir, reference = single
+    out = config.parent / request.node.callspec.id
+    records = run(config, out, nproc, extra)
+    for want, got in zip(reference, records, strict=True):
+        for key in ("loss", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=RTOL), (key, want, got)
+    # Adam moves an element by about lr a step whatever its gradient's size, so where the
+    # gradient is near zero rounding picks the step (qwen3 under sp4: the tied embedding's
+    # rows of tokens the data never holds, which learn only as output weights, through
+    # softmax's tiny probabilities). atol is 1% of one step at lr 1e-3.
+    want, got = (load_file(d / "hf/model.safetensors") for d in (reference_dir, out))
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
