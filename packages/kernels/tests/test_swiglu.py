@@ -14,32 +14,27 @@ DTYPES = [torch.float32, torch.bfloat16]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_triton_matches_reference(
-    triton_spy, triton_device, assert_close, shape, dtype, fused_input
+    triton_spy, triton_device, assert_no_worse, shape, dtype, fused_input
 ):
     calls = triton_spy("loom.kernels._swiglu_triton", "swiglu_forward", "swiglu_backward")
     torch.manual_seed(0)
     if fused_input:  # strided views of one [..., 2I] projection, as MoE experts produce
         gate_up = torch.randn(*shape[:-1], 2 * shape[-1], device=triton_device).to(dtype)
-        gate_up.requires_grad_(True)
-        gate, up = gate_up.chunk(2, dim=-1)
-        inputs = (gate_up,)
+        inputs = (gate_up.requires_grad_(True),)
+
+        def on_leaves(fn):
+            return lambda gate_up: fn(*gate_up.chunk(2, dim=-1))
     else:
         gate = torch.randn(shape, device=triton_device).to(dtype).requires_grad_(True)
         up = torch.randn(shape, device=triton_device).to(dtype).requires_grad_(True)
         inputs = (gate, up)
-    assert dispatch.choose_backend(gate, up) == "triton"
 
-    def run(fn):
-        out = fn(gate, up)
-        torch.manual_seed(1)
-        dout = torch.randn(out.shape, dtype=out.dtype, device=out.device)
-        return (out, *torch.autograd.grad(out, inputs, dout))
+        def on_leaves(fn):
+            return fn
 
-    got, want = run(swiglu), run(swiglu_reference)
+    assert dispatch.choose_backend(*inputs) == "triton"
+    assert_no_worse(on_leaves(swiglu), on_leaves(swiglu_reference), inputs)
     assert [name for name, _ in calls] == ["swiglu_forward", "swiglu_backward"]
-    for g, r in zip(got, want, strict=True):
-        assert g.shape == r.shape and g.dtype == r.dtype
-        assert_close(g, r, dtype)
 
 
 def test_reference_is_silu_times_up():
@@ -88,17 +83,17 @@ def _leaves(layout: str, shape, dtype, device) -> list[torch.Tensor]:
     ]
 
 
-def _grads_of_leaves(fn, layout, leaves, dout, checkpointed=False):
+def _on_leaves(fn, layout, checkpointed=False):
     _, make, _ = LAYOUTS[layout]
 
     def forward(*leaves):
         return fn(*make(*leaves))
 
     if checkpointed:  # as loom.trainer's activation checkpointing runs it
-        out = torch.utils.checkpoint.checkpoint(forward, *leaves, use_reentrant=False)
-    else:
-        out = forward(*leaves)
-    return torch.autograd.grad(out, leaves, dout)
+        return lambda *leaves: torch.utils.checkpoint.checkpoint(
+            forward, *leaves, use_reentrant=False
+        )
+    return forward
 
 
 @pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
@@ -106,26 +101,17 @@ def _grads_of_leaves(fn, layout, leaves, dout, checkpointed=False):
 @pytest.mark.parametrize("shape", [(1, 8), (2, 3, 70), (3, 1030)], ids=str)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_overwriting_backward_matches_reference(
-    triton_spy, triton_device, assert_close, layout, shape, dtype, checkpointed
+    triton_spy, triton_device, assert_no_worse, layout, shape, dtype, checkpointed
 ):
     """Whether or not backward overwrites gate and up, the leaves' gradients are the
     reference's and the leaves keep their values."""
     calls = triton_spy("loom.kernels._swiglu_triton", "swiglu_backward")
     leaves = _leaves(layout, shape, dtype, triton_device)
     values = [leaf.detach().clone() for leaf in leaves]
-    torch.manual_seed(1)
-    _, make, _ = LAYOUTS[layout]
-    dout = torch.randn(make(*values)[0].shape, device=triton_device).to(dtype)
-    want = _grads_of_leaves(
-        swiglu_reference, layout, [v.clone().requires_grad_(True) for v in values], dout
+    assert_no_worse(
+        _on_leaves(swiglu, layout, checkpointed), _on_leaves(swiglu_reference, layout), leaves
     )
-    got = _grads_of_leaves(swiglu, layout, leaves, dout, checkpointed)
     assert len(calls) == 1
-    # the broadcast gate's gradient sums rounded products over rows
-    scale = 4.0 if layout == "stride0_rows" else 1.0
-    for g, r in zip(got, want, strict=True):
-        assert g.shape == r.shape and g.dtype == r.dtype
-        assert_close(g, r, dtype, scale)
     for leaf, value in zip(leaves, values, strict=True):
         torch.testing.assert_close(leaf.detach(), value, atol=0, rtol=0)
 
