@@ -14,7 +14,7 @@ import nox
 
 nox.options.default_venv_backend = "uv"
 nox.options.reuse_venv = "yes"
-nox.options.sessions = ["lint", "tests", "build"]
+nox.options.sessions = ["lint", "tests", "triton_models", "build"]
 
 ROOT = Path(__file__).parent
 PACKAGES = ["core-dist", "kernels", "patchgen", "models", "trainer"]
@@ -76,6 +76,30 @@ def tests(session: nox.Session, transformers: str) -> None:
     session.run("pytest", *(session.posargs or paths))
     # Generated ports must be what their patch configs produce from this transformers.
     session.run("loom-patchgen", "check")
+
+
+# One equivalence test per port (one attention backend, the fused experts): each port
+# runs every kernel it calls (RMSNorm, rotary, SwiGLU, cross-entropy, MoE grouped GEMM)
+# inside the model, and the interpreter is too slow for the whole matrix.
+TRITON_MODELS_TESTS = [
+    "tests/models/test_models_patch.py",
+    "tests/models/test_moe.py",
+    "-m",
+    "not slow",
+    "-k",
+    "test_forward_backward_matches_upstream and (loom_varlen or (fused and not default))",
+]
+
+
+@nox.session
+def triton_models(session: nox.Session) -> None:
+    """The model-equivalence tests with the Triton kernels inside the ports: on CPU the
+    dispatch picks the torch references unless Triton's interpreter is on."""
+    _sync_locked(session)
+    session.run(
+        "pytest", *(session.posargs or TRITON_MODELS_TESTS),
+        env={"TRITON_INTERPRET": "1", "LOOM_KERNELS_BACKEND": "triton"},
+    )  # fmt: skip
 
 
 @nox.session
