@@ -90,9 +90,12 @@ def loom_step_fn(
     from loom.trainer.data.packing import build_row
     from loom.trainer.data.samples import shift_labels
     from loom.trainer.memory import offload_checkpointed_inputs, tile_mlps
-    from loom.trainer.model import compile_decoder_layers, enable_activation_checkpointing
     from loom.trainer.optim import build_optimizer
-    from loom.trainer.run import shard_model
+    from loom.trainer.parallelize import (
+        compile_decoder_layers,
+        enable_activation_checkpointing,
+        shard_model,
+    )
     from loom.trainer.train import forward_backward
 
     parallel = init_parallel()

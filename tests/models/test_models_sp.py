@@ -34,7 +34,7 @@ def _loss_and_grads(name: str, backend: str) -> tuple[float, dict[str, torch.Ten
     torch.manual_seed(0)
     model = build_model(TOY / f"{name}_toy", attn_implementation=backend)
     group = dist.group.WORLD if dist.get_world_size() > 1 else None
-    set_sequence_parallel(group)
+    set_sequence_parallel(model, group)
     ids, labels, positions, cu = _batch(model.config.vocab_size)
     if group is not None:
         ids, labels, positions = (slice_input(t, 1, group) for t in (ids, labels, positions))
@@ -49,7 +49,6 @@ def _loss_and_grads(name: str, backend: str) -> tuple[float, dict[str, torch.Ten
         dist.all_reduce(loss)
         for g in grads.values():
             dist.all_reduce(g)
-    set_sequence_parallel(None)
     return loss.item(), grads
 
 

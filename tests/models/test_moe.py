@@ -435,9 +435,8 @@ def _expected_ep_results(case, state_dict, loss_tokens):
 def _under_expert_parallelism(name, state_dict, loss_tokens, expected, checkpoint, want_logits):
     from loom.dist.clip import clip_grad_norm_
     from loom.dist.fsdp import apply_fsdp, mixed_precision
-    from loom.dist.loading import load_safetensors, materialize
+    from loom.dist.loading import load_safetensors, materialize, meta_parameters
     from loom.dist.mesh import init_parallel
-    from loom.trainer.model import recompute_buffers
 
     case, rank = CASES[name], dist.get_rank()
     ids, labels = batch(10 + rank)
@@ -469,12 +468,12 @@ def _under_expert_parallelism(name, state_dict, loss_tokens, expected, checkpoin
 
     # upstream's save_pretrained checkpoint, read shard by shard under ep 2
     state = init_parallel(dp_shard=WORLD, ep=2)
-    with torch.device("meta"):
+    with meta_parameters():
         model = build_model(case.path, attn_implementation="eager", moe_implementation="fused")
     EXPERT_PLAN.apply(model, state.ep_mesh)
     apply_fsdp(model, list(model.model.layers), state.fsdp_mesh, mixed_precision(cpu),
                experts=expert_modules(model), expert_mesh=state.expert_fsdp_mesh)  # fmt: skip
-    materialize(model, cpu, init=recompute_buffers)
+    materialize(model, cpu, init=lambda m: None)  # every weight is loaded
     load_safetensors(model, Path(checkpoint), case.converter.from_config(model.config))
     with torch.no_grad():
         logits = model(input_ids=batch(20 + rank)[0]).logits

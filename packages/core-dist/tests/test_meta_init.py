@@ -27,4 +27,3 @@ def test_buffers_keep_their_values_through_materialize():
     with torch.no_grad():
         module.weight.fill_(1.0)
     assert module(torch.tensor([3])).sum().item() == 4 * 8.0
-

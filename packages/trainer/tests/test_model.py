@@ -57,7 +57,7 @@ def test_export_round_trip(tmp_path, tied):
 
 def test_pretrained_model_is_built_on_meta_and_loaded_by_shards(tmp_path):
     from loom.trainer.config import load_config
-    from loom.trainer.run import build_sharded_model
+    from loom.trainer.parallelize import build_parallel_model
 
     reference = tiny_model()
     reference.save_pretrained(tmp_path / "m")
@@ -67,7 +67,7 @@ def test_pretrained_model_is_built_on_meta_and_loaded_by_shards(tmp_path):
     )
     state = init_parallel()
     try:
-        model = build_sharded_model(config, state)
+        model = build_parallel_model(config, state)
         ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             got, want = model(input_ids=ids).logits, reference(input_ids=ids).logits

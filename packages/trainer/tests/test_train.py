@@ -12,12 +12,8 @@ from loom.trainer import memory
 from loom.trainer.data.packing import build_row
 from loom.trainer.data.samples import shift_labels
 from loom.trainer.errors import LoomError
-from loom.trainer.model import (
-    build_model,
-    compile_decoder_layers,
-    decoder_layers,
-    enable_activation_checkpointing,
-)
+from loom.trainer.model import build_model, decoder_layers
+from loom.trainer.parallelize import compile_decoder_layers, enable_activation_checkpointing
 from loom.trainer.train import (
     StepResult,
     check_learns,
@@ -183,11 +179,11 @@ def test_tiled_mlps_change_nothing(parallel, tiny_model_dir, checkpointed):
 
 def test_config_turns_the_memory_options_on(parallel, tiny_model_dir):
     from loom.trainer.config import load_config
-    from loom.trainer.run import build_sharded_model
+    from loom.trainer.parallelize import build_parallel_model
 
     on = ["--train.activation_checkpointing", "true", "--train.activation_offload", "true"]
     config = load_config(tiny_model_dir.parent / "train.yaml", [*on, "--train.mlp_tile", "8"])
-    layers = decoder_layers(build_sharded_model(config, parallel))
+    layers = decoder_layers(build_parallel_model(config, parallel))
     assert all(x._gradient_checkpointing_func is memory._offloaded_checkpoint for x in layers)
     assert all(x.mlp.forward.func is memory._tiled_forward for x in layers)
 

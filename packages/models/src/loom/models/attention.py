@@ -5,7 +5,9 @@ to back, each attending only to itself. Sample boundaries come from ``cu_seq_len
 (HF's flash-attention keyword, over the flattened ``[batch * seq]`` tokens of the whole,
 unsliced sequence) when the caller passes it, else from position ids restarting at 0.
 
-Under sequence parallelism (``set_sequence_parallel(group)``) each rank holds a slice
+Under sequence parallelism (``set_sequence_parallel(model, group)``: the group travels
+with the model's modules, and the backend reads it from the module it is called for)
+each rank holds a slice
 of the sequence; the backend all-to-alls q/k/v to the whole sequence and a slice of
 the heads, attends, and all-to-alls back (DeepSpeed-Ulysses). The model code stays
 upstream's: rotary embeddings use each rank's own position ids, and nothing else in a
@@ -29,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from transformers import AttentionInterface
 
 from loom.kernels import varlen_attention
@@ -40,17 +43,19 @@ _HANDLED = {
     "max_length_k", "sliding_window", "dropout", "is_causal", "use_cache", "cache_position",
     "output_attentions", "output_router_logits", "past_key_value", "past_key_values",
 }  # fmt: skip
-_sp_group: dist.ProcessGroup | None = None
 
 
-def set_sequence_parallel(group: dist.ProcessGroup | None) -> None:
-    """Attend across the ranks of ``group`` (None: no sequence parallelism)."""
-    global _sp_group
-    _sp_group = group if group is not None and dist.get_world_size(group) > 1 else None
+def set_sequence_parallel(model: nn.Module, group: dist.ProcessGroup | None) -> None:
+    """Make ``model`` attend across the ranks of ``group`` (None: no sequence
+    parallelism). Every module carries the group: an attention backend is handed its
+    module, the MoE aux loss its model."""
+    group = group if group is not None and dist.get_world_size(group) > 1 else None
+    for module in model.modules():
+        module.loom_sp_group = group
 
 
-def sequence_parallel_group() -> dist.ProcessGroup | None:
-    return _sp_group
+def sequence_parallel_group(module: nn.Module) -> dist.ProcessGroup | None:
+    return getattr(module, "loom_sp_group", None)
 
 
 def boundaries_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
@@ -101,26 +106,27 @@ def _loom_attention(module, query, key, value, attention_mask, *, use_sdpa, **kw
     if kwargs.get("dropout", 0.0):
         raise ValueError("Loom attention has no attention dropout; set attention_dropout to 0")
     scaling = kwargs.get("scaling")
+    sp_group = sequence_parallel_group(module)
     # [batch, heads, seq/sp, dim] -> [batch, heads/sp, seq, dim]
-    if _sp_group is not None:
+    if sp_group is not None:
         from loom.dist.ulysses import (
             gather_heads_scatter_seq,
             gather_seq_scatter_heads,
             repeat_kv_for_sp,
         )
 
-        sp = dist.get_world_size(_sp_group)
+        sp = dist.get_world_size(sp_group)
         # fewer KV heads than ranks: repeat them so each rank holds its queries' KV heads
         key, value = (repeat_kv_for_sp(t, 1, query.shape[1], sp) for t in (key, value))
         query, key, value = (
-            gather_seq_scatter_heads(t, seq_dim=2, head_dim=1, group=_sp_group)
+            gather_seq_scatter_heads(t, seq_dim=2, head_dim=1, group=sp_group)
             for t in (query, key, value)
         )
     batch, seq = query.shape[0], query.shape[2]
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is None:
         position_ids = kwargs.get("position_ids")
-        if _sp_group is not None:
+        if sp_group is not None:
             raise ValueError("under sequence parallelism pass cu_seq_lens_q for the whole row")
         if position_ids is None:
             position_ids = torch.arange(seq, device=query.device).expand(batch, seq)
@@ -140,8 +146,8 @@ def _loom_attention(module, query, key, value, attention_mask, *, use_sdpa, **kw
     single_sample = cu_seqlens.numel() == batch + 1
     out = _attend(query, key, value, cu_seqlens, max_seqlen, scaling, single_sample, use_sdpa)
     # [batch, seq, heads/sp, dim] -> [batch, seq/sp, heads, dim]
-    if _sp_group is not None:
-        out = gather_heads_scatter_seq(out, head_dim=2, seq_dim=1, group=_sp_group)
+    if sp_group is not None:
+        out = gather_heads_scatter_seq(out, head_dim=2, seq_dim=1, group=sp_group)
     return out, None
 
 

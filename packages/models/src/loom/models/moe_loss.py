@@ -26,10 +26,12 @@ def load_balancing_loss_func(
     num_experts: int | None = None,
     top_k: int = 2,
     attention_mask: torch.Tensor | None = None,
+    group: torch.distributed.ProcessGroup | None = None,
 ) -> torch.Tensor | int:
     """gate_logits: one [tokens, experts] tensor per MoE layer (this rank's tokens);
-    attention_mask: [batch, seq] of this rank's tokens, or None. Returns the int 0
-    without router logits, as upstream does."""
+    attention_mask: [batch, seq] of this rank's tokens, or None; group: the sequence-
+    parallel group the sums are taken over. Returns the int 0 without router logits, as
+    upstream does."""
     if gate_logits is None or not isinstance(gate_logits, tuple):
         return 0
     device = gate_logits[0].device
@@ -51,7 +53,6 @@ def load_balancing_loss_func(
             slots = slots + torch.zeros_like(slots).scatter_add_(0, selected.reshape(-1), weights)
             probs = probs + (routing.float() * mask.unsqueeze(-1)).sum(dim=0)
             rows = rows + mask.sum()
-    group = sequence_parallel_group()
     if group is not None:
         slots, rows = (sum_over_ranks(t.detach(), group) for t in (slots, rows))
         probs = sum_over_ranks(probs, group)
@@ -82,8 +83,9 @@ def moe_causal_lm_output(
     aux_loss = None
     if output_router_logits:
         aux_loss = load_balancing_loss_func(
-            outputs.router_logits, model.num_experts, model.num_experts_per_tok, attention_mask
-        )
+            outputs.router_logits, model.num_experts, model.num_experts_per_tok, attention_mask,
+            group=sequence_parallel_group(model),
+        )  # fmt: skip
         if not isinstance(aux_loss, torch.Tensor):
             aux_loss = None
         elif loss is not None:  # out of place: upstream's `loss +=` is in place

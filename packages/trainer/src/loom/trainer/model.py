@@ -46,22 +46,3 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
             f"{type(model).__name__} has no model.layers; Loom cannot find its decoder layers"
         )
     return list(layers)
-
-
-def enable_activation_checkpointing(model: nn.Module, every: int = 1) -> None:
-    """Recompute every ``every``-th decoder layer's activations in backward.
-
-    Uses HF's own per-layer switch (non-reentrant ``torch.utils.checkpoint``), which runs
-    inside each layer's call and so composes with FSDP2's per-layer hooks.
-    """
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for index, layer in enumerate(decoder_layers(model)):
-        layer.gradient_checkpointing = index % every == 0
-
-
-def compile_decoder_layers(model: nn.Module) -> None:
-    """``torch.compile`` each decoder layer's forward. The hooks around the call (FSDP's
-    gather and reshard, activation checkpointing) stay eager; the layers share one code
-    object, so they share the compiled graph instead of compiling once each."""
-    for layer in decoder_layers(model):
-        layer.forward = torch.compile(layer.forward)

@@ -13,29 +13,18 @@ from rich.console import Console
 from torch import nn
 
 from loom.dist.checkpoint import load_checkpoint
-from loom.dist.fsdp import apply_fsdp, mixed_precision
-from loom.dist.loading import load_safetensors, materialize
 from loom.dist.mesh import ParallelState
-from loom.models.registry import port_hooks
 from loom.trainer.checkpointing import resume_from
 from loom.trainer.config import Config, DataConfig, SourceConfig, dump_config
 from loom.trainer.data.loader import BatchLoader
 from loom.trainer.data.samples import check_vocab, tokenize_source
 from loom.trainer.data.sources import load_source
 from loom.trainer.data.streaming import StreamSource, stream_shards
-from loom.trainer.errors import ConfigError
 from loom.trainer.flops import FlopModel, flop_model, peak_flops
-from loom.trainer.memory import offload_checkpointed_inputs, tile_mlps
 from loom.trainer.metrics import MetricsLog, read_metrics
-from loom.trainer.model import (
-    build_model,
-    compile_decoder_layers,
-    decoder_layers,
-    enable_activation_checkpointing,
-    has_weights,
-    load_tokenizer,
-)
+from loom.trainer.model import load_tokenizer
 from loom.trainer.optim import build_optimizer, build_scheduler
+from loom.trainer.parallelize import build_parallel_model
 
 
 @dataclass
@@ -115,79 +104,6 @@ def _stream(
     )  # fmt: skip
 
 
-def shard_model(
-    model: nn.Module,
-    parallel: ParallelState,
-    reshard_after_forward: bool = True,
-    cpu_offload: bool = False,
-) -> None:
-    """A MoE port's experts ``Shard(0)`` over the ep mesh, then FSDP2 over dp x sp (and
-    the experts over the expert mesh)."""
-    hooks = port_hooks(model.config.model_type)
-    if parallel.sp_size > 1 and not getattr(model, "loom_port", False):
-        raise ConfigError(
-            f"parallel.sp_size={parallel.sp_size}, but {model.config.model_type} has no Loom "
-            "port: its layers are not known to keep tokens apart outside attention; use sp_size 1"
-        )
-    experts = []
-    if hooks.expert_plan is not None:
-        hooks.expert_plan.apply(model, parallel.ep_mesh)
-        experts = hooks.expert_modules(model)
-    elif parallel.ep_size > 1:
-        raise ConfigError(
-            f"parallel.ep_size={parallel.ep_size}, but {model.config.model_type} has no "
-            "Loom port with experts to spread; use ep_size 1"
-        )
-    # One rank keeps whole parameters all step (nothing to reshard after forward or
-    # between micro-batches), so groups per layer would save no memory and only add
-    # hooks, copies and launches per layer: one group for the whole model instead.
-    one_group = parallel.fsdp_size == 1 and not cpu_offload
-    apply_fsdp(
-        model,
-        [] if one_group else decoder_layers(model),
-        parallel.fsdp_mesh,
-        mixed_precision(parallel.device),
-        # One rank holds whole parameters anyway: freeing them after forward only adds
-        # copies in backward.
-        reshard_after_forward=reshard_after_forward and parallel.fsdp_size > 1,
-        cpu_offload=cpu_offload,
-        experts=experts,
-        expert_mesh=parallel.expert_fsdp_mesh if experts else None,
-    )  # fmt: skip
-
-
-def build_sharded_model(config: Config, parallel: ParallelState) -> nn.Module:
-    """The model on this rank's device: experts ``Shard(0)`` over the ep mesh (MoE ports),
-    then FSDP2 over dp x sp.
-
-    With safetensors in ``model.path`` it is built on the meta device, sharded, and each
-    rank reads only its own shards (through the port's converter where HF's layout
-    differs): no rank ever holds the whole model. Otherwise every rank initialises the
-    whole model from the same seed and keeps its shard.
-    """
-    pretrained = has_weights(config.model.path)
-    torch.manual_seed(config.train.seed)
-    model = build_model(config.model.path, config.model.attn_implementation, meta=pretrained)
-    if config.train.activation_checkpointing:
-        enable_activation_checkpointing(model, config.train.ac_every)
-    if config.train.activation_offload:
-        offload_checkpointed_inputs(model)
-    if config.train.mlp_tile:
-        tile_mlps(model, config.train.mlp_tile)
-    if config.train.compile:
-        compile_decoder_layers(model)
-    if not pretrained:
-        model.to(parallel.device)
-    shard_model(model, parallel, config.parallel.reshard_after_forward, config.parallel.cpu_offload)
-    if pretrained:
-        # buffers kept their values; every parameter is filled from the checkpoint next
-        materialize(model, parallel.device, init=lambda model: None)
-        hooks = port_hooks(model.config.model_type)
-        converter = hooks.converter(model.config) if hooks.converter else None
-        load_safetensors(model, config.model.path, converter)
-    return model
-
-
 def build_run(config: Config, parallel: ParallelState) -> Run:
     cfg, out, main = config.train, config.train.output_dir, parallel.rank == 0
     console = Console(stderr=True, quiet=not main)
@@ -198,7 +114,7 @@ def build_run(config: Config, parallel: ParallelState) -> Run:
     tokenizer = load_tokenizer(config.model.path)
     check_vocab(tokenizer, config.model.path)
     loader = build_loader(config, tokenizer, console)
-    model = build_sharded_model(config, parallel)
+    model = build_parallel_model(config, parallel)
     optimizer = build_optimizer(
         model, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, parallel.device
     )

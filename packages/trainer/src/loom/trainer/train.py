@@ -19,7 +19,6 @@ from loom.dist.checkpoint import save_checkpoint
 from loom.dist.clip import clip_grad_norm_
 from loom.dist.mesh import ParallelState, destroy_parallel, init_parallel
 from loom.dist.ulysses import slice_input
-from loom.models.attention import set_sequence_parallel
 from loom.trainer.checkpointing import StopRequest, checkpoints_root, prune
 from loom.trainer.config import Config
 from loom.trainer.data.collate import boundaries, stack_rows
@@ -177,11 +176,9 @@ def train(config: Config) -> None:
     _quiet_libraries()
     p = config.parallel
     parallel = init_parallel(p.dp_replicate, p.dp_shard, p.sp_size, p.ep_size)
-    set_sequence_parallel(parallel.sp_group if p.sp_size > 1 else None)
     try:
         _train(config, parallel)
     finally:
-        set_sequence_parallel(None)
         destroy_parallel()
 
 

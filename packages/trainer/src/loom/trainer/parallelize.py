@@ -1,0 +1,127 @@
+"""The one place a model is made parallel, in this order (each step assumes the ones
+before it):
+
+1. activation checkpointing (HF's per-layer switch, every ``ac_every``-th layer);
+2. offload of the checkpointed layers' inputs to host memory (needs 1);
+3. MLP tiles (the MLP a tile of tokens at a time);
+4. compile (each decoder layer's forward; the hooks of 1 and 6 stay eager around it);
+5. expert sharding (a MoE port's experts ``Shard(0)`` over the ep mesh);
+6. FSDP2 (per decoder layer and the root over dp x sp; experts over the expert mesh);
+7. sequence parallelism (the SP group set on the model's modules, read by attention and
+   the MoE aux loss);
+8. weight loading (meta-built parameters materialised shard by shard, filled from HF
+   safetensors through the port's converter).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loom.dist.fsdp import apply_fsdp, mixed_precision
+from loom.dist.loading import load_safetensors, materialize
+from loom.dist.mesh import ParallelState
+from loom.models.attention import set_sequence_parallel
+from loom.models.registry import port_hooks
+from loom.trainer.config import Config
+from loom.trainer.errors import ConfigError
+from loom.trainer.memory import offload_checkpointed_inputs, tile_mlps
+from loom.trainer.model import build_model, decoder_layers, has_weights
+
+
+def build_parallel_model(config: Config, parallel: ParallelState) -> nn.Module:
+    """The model on this rank's device, made parallel by ``parallelize``.
+
+    With safetensors in ``model.path`` it is built with its parameters on the meta device,
+    sharded, and each rank reads only its own shards (through the port's converter where
+    HF's layout differs): no rank ever holds the whole model. Otherwise every rank
+    initialises the whole model from the same seed and keeps its shard.
+    """
+    pretrained = has_weights(config.model.path)
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model.path, config.model.attn_implementation, meta=pretrained)
+    if not pretrained:
+        model.to(parallel.device)
+    parallelize(model, config, parallel)
+    if pretrained:
+        # buffers kept their values; every parameter is filled from the checkpoint next
+        materialize(model, parallel.device, init=lambda model: None)
+        hooks = port_hooks(model.config.model_type)
+        converter = hooks.converter(model.config) if hooks.converter else None
+        load_safetensors(model, config.model.path, converter)
+    return model
+
+
+def parallelize(model: nn.Module, config: Config, parallel: ParallelState) -> None:
+    """Steps 1-7 of the module docstring, as ``config`` asks."""
+    train = config.train
+    if train.activation_checkpointing:
+        enable_activation_checkpointing(model, train.ac_every)
+    if train.activation_offload:
+        offload_checkpointed_inputs(model)
+    if train.mlp_tile:
+        tile_mlps(model, train.mlp_tile)
+    if train.compile:
+        compile_decoder_layers(model)
+    shard_model(model, parallel, config.parallel.reshard_after_forward, config.parallel.cpu_offload)
+    set_sequence_parallel(model, parallel.sp_group if parallel.sp_size > 1 else None)
+
+
+def enable_activation_checkpointing(model: nn.Module, every: int = 1) -> None:
+    """Recompute every ``every``-th decoder layer's activations in backward.
+
+    Uses HF's own per-layer switch (non-reentrant ``torch.utils.checkpoint``), which runs
+    inside each layer's call and so composes with FSDP2's per-layer hooks.
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for index, layer in enumerate(decoder_layers(model)):
+        layer.gradient_checkpointing = index % every == 0
+
+
+def compile_decoder_layers(model: nn.Module) -> None:
+    """``torch.compile`` each decoder layer's forward. The hooks around the call (FSDP's
+    gather and reshard, activation checkpointing) stay eager; the layers share one code
+    object, so they share the compiled graph instead of compiling once each."""
+    for layer in decoder_layers(model):
+        layer.forward = torch.compile(layer.forward)
+
+
+def shard_model(
+    model: nn.Module,
+    parallel: ParallelState,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+) -> None:
+    """A MoE port's experts ``Shard(0)`` over the ep mesh, then FSDP2 over dp x sp (and
+    the experts over the expert mesh)."""
+    hooks = port_hooks(model.config.model_type)
+    if parallel.sp_size > 1 and not getattr(model, "loom_port", False):
+        raise ConfigError(
+            f"parallel.sp_size={parallel.sp_size}, but {model.config.model_type} has no Loom "
+            "port: its layers are not known to keep tokens apart outside attention; use sp_size 1"
+        )
+    experts = []
+    if hooks.expert_plan is not None:
+        hooks.expert_plan.apply(model, parallel.ep_mesh)
+        experts = hooks.expert_modules(model)
+    elif parallel.ep_size > 1:
+        raise ConfigError(
+            f"parallel.ep_size={parallel.ep_size}, but {model.config.model_type} has no "
+            "Loom port with experts to spread; use ep_size 1"
+        )
+    # One rank keeps whole parameters all step (nothing to reshard after forward or
+    # between micro-batches), so groups per layer would save no memory and only add
+    # hooks, copies and launches per layer: one group for the whole model instead.
+    one_group = parallel.fsdp_size == 1 and not cpu_offload
+    apply_fsdp(
+        model,
+        [] if one_group else decoder_layers(model),
+        parallel.fsdp_mesh,
+        mixed_precision(parallel.device),
+        # One rank holds whole parameters anyway: freeing them after forward only adds
+        # copies in backward.
+        reshard_after_forward=reshard_after_forward and parallel.fsdp_size > 1,
+        cpu_offload=cpu_offload,
+        experts=experts,
+        expert_mesh=parallel.expert_fsdp_mesh if experts else None,
+    )  # fmt: skip
