@@ -268,7 +268,6 @@ def check_inputs(config: Config) -> None:
         raise ConfigError(
             f"model.path {config.model.path} has no config.json; point it at a model directory"
         )
-    check_model(config)
     for i, source in enumerate(config.data.sources):
         if source.streaming:
             _check_stream(f"data.sources[{i}]", source, config.data.strict)
@@ -284,6 +283,7 @@ def check_inputs(config: Config) -> None:
             problem = first_bad_line(source.path, source.column, source.format)
             if problem:
                 raise DataError(problem)
+    check_model(config)
 
 
 def check_model(config: Config) -> None:
