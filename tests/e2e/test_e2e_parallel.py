@@ -27,7 +27,7 @@ EP2 = ["--parallel.ep_size", "2"]
 AC = ["--train.activation_checkpointing", "true"]
 # With 4 data-parallel ranks, one row each makes the global batch of 4 rows.
 HSDP = ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2", "--train.micro_batch_size", "1"]
-PINS_MEMORY = pytest.mark.xfail(strict=True, reason="loom.dist.fsdp pins memory on a CPU-only host")
+OFFLOAD = ["--parallel.cpu_offload", "true"]
 V4 = pytest.mark.v4_parallel  # also run under transformers v4 (noxfile's tests(4.57.3))
 # Under v4 every 2-rank MoE layout (dp, ep, sp) drifts from one process from step 2 on
 # (7.7e-5 in loss by step 4), the same for all of them: a bug to find, not a tolerance.
@@ -46,10 +46,7 @@ CASES = [
     *(case(name, "dp2", 2, []) for name in DENSE),
     *(case(name, "sp2", 2, SP2, *([V4] if name == "qwen3" else [])) for name in DENSE),
     case("qwen3", "sp4-ac", 4, ["--parallel.sp_size", "4", *AC]),
-    case("qwen3", "hsdp2x2", 4, HSDP),
-    # FSDP2's CPUOffloadPolicy pins host memory by default, which needs a CUDA driver.
-    # Once loom.dist.fsdp does not, fold the option into hsdp2x2 and drop this run.
-    case("qwen3", "dp2-offload", 2, ["--parallel.cpu_offload", "true"], PINS_MEMORY),
+    case("qwen3", "hsdp2x2-offload", 4, [*HSDP, *OFFLOAD]),
     # Experts spread over the ranks, and over the SP group. The router aux loss is a mean
     # over micro-batches, so it is layout-independent across dp and ep; under SP its sums
     # are taken over the whole sequence (loom.models.moe_loss).

@@ -44,7 +44,9 @@ def apply_fsdp(
     experts = list(experts)
     if experts and expert_mesh is None:
         raise ValueError("apply_fsdp: experts were given without an expert_mesh to shard over")
-    offload = {"offload_policy": CPUOffloadPolicy()} if cpu_offload else {}
+    # Pinned host memory needs a CUDA driver; without one (CPU runs) plain memory serves.
+    policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    offload = {"offload_policy": policy} if cpu_offload else {}
     for module in experts:
         fully_shard(
             module,
