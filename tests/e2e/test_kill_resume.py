@@ -196,7 +196,7 @@ def kill_and_resume(launcher: Launcher, out: Path, seed: int) -> tuple[list[dict
         # The plan's step, or the first one this run still has to save.
         step = min(max(moment.step, newest + 1), STEPS) if moment.phase != "start" else 0
         launched = time.time()
-        pid = launcher.start(out, seed, *restart_args(out))
+        pid = launcher.start(out, seed)
         saw = wait_for(moment.phase, step, out, pid, launched)
         time.sleep(moment.delay)
         os.killpg(pid, signal.SIGKILL)
@@ -210,17 +210,9 @@ def kill_and_resume(launcher: Launcher, out: Path, seed: int) -> tuple[list[dict
             "checkpoints": checkpoints(out), "complete": complete,
         })  # fmt: skip
         print(f"seed {seed}: {observed[-1]}")
-    pid = launcher.start(out, seed, *restart_args(out))
+    pid = launcher.start(out, seed)
     assert launcher.wait(pid) == 0, (out.parent / f"{out.name}.log").read_text()
     return observed, seen
-
-
-def restart_args(out: Path) -> list[str]:
-    # The same command, except after a kill before the first checkpoint: `loom train`
-    # refuses a directory that holds files but no checkpoint, so it is told to start over
-    # (test_rerun_after_a_kill_before_the_first_checkpoint wants the plain command to do it).
-    fresh = not out.is_dir() or not any(out.iterdir()) or complete_steps(out)
-    return [] if fresh else ["--train.overwrite", "true"]
 
 
 def resumed_from(log: str) -> list[int | None]:
@@ -280,11 +272,6 @@ def test_sigkill_at_random_moments_resumes_exactly(tmp_path, launcher, uninterru
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="loom train refuses an output_dir that holds files but no checkpoint, so a run "
-    "killed before its first save needs --train.overwrite true to start again",
-)
 def test_rerun_after_a_kill_before_the_first_checkpoint(tmp_path, launcher, uninterrupted):
     out = tmp_path / "run"
     killed = launcher.start(out, 0, env={"LOOM_TEST_KILL_AFTER_STEP": "1"})  # before saving

@@ -77,6 +77,10 @@ def _aside(out: Path) -> Path:
     return out.with_name(f".{out.name}.replaced")
 
 
+# What a run writes before its first checkpoint completes (loom.trainer.run, metrics).
+_EARLY = {"config.yaml", "metrics.jsonl", "tensorboard", "checkpoints"}
+
+
 def prepare_output_dir(config: Config) -> Path | None:
     """Refuse to write into a directory that holds an earlier run, unless told to
     resume it (a complete checkpoint and ``checkpoint.resume`` not ``none``) or to
@@ -85,15 +89,22 @@ def prepare_output_dir(config: Config) -> Path | None:
     out = config.train.output_dir
     if not out.exists() or not any(out.iterdir()):
         return None
-    if config.train.overwrite:
+    from loom.trainer.checkpointing import resume_from
+
+    overwrite, resume = config.train.overwrite, config.checkpoint.resume
+    if not overwrite and resume != "none" and resume_from(out, resume):
+        return None
+    # A run stopped before its first checkpoint left only what every run writes at once
+    # (its config, the steps it logged, a partial save): nothing to resume, so the same
+    # command starts it again, keeping the old files aside until a step has trained.
+    unsaved = resume == "auto" and {p.name for p in out.iterdir()} <= _EARLY
+    if overwrite or unsaved:
+        if not overwrite:
+            print(f"{out} holds a run that saved no checkpoint: starting it again")
         aside = _aside(out)
         shutil.rmtree(aside, ignore_errors=True)  # left by a launcher that was killed
         out.rename(aside)
         return aside
-    from loom.trainer.checkpointing import resume_from
-
-    if config.checkpoint.resume != "none" and resume_from(out, config.checkpoint.resume):
-        return None
     raise ConfigError(
         f"train.output_dir {out} already holds files from an earlier run and no checkpoint "
         "to resume; choose another directory or pass --train.overwrite true to replace it"
