@@ -16,7 +16,6 @@ import collections
 import json
 import sys
 import tempfile
-import time
 import traceback
 import warnings
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _timing import wall_s
 from train_throughput import loom_step_fn, random_model
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -99,14 +99,7 @@ def main() -> None:
     step = loom_step_fn(
         model, tokens, activation_checkpointing=False, accum=args.accum, compile=args.compile
     )
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / 3
+    seconds = wall_s(step, calls=3, warmup=3)
     print(
         f"step: {seconds * 1000:.1f} ms, {args.seq * args.micro * args.accum / seconds:,.0f} tokens/s"
     )
