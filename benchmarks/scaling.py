@@ -94,9 +94,9 @@ def train(
         "data": {"path": str(data), "max_seq_len": seq},
         "train": {
             "output_dir": str(out), "steps": steps, "global_batch_size": rows,
-            "micro_batch_size": 1, "lr": 1e-4, "warmup_steps": 0, "schedule": "constant",
-            "seed": 0,
+            "micro_batch_size": 1, "seed": 0,
         },
+        "optim": {"lr": 1e-4, "warmup_steps": 0, "schedule": "constant"},
         "parallel": keys,
         "checkpoint": {"every": 0, "keep_last": 1},
         "log": {"progress": False},
@@ -156,7 +156,7 @@ def maxlen_probe(args, work: Path, model: Path, layout: str, seq: int) -> dict |
     """Two steps at ``seq`` with activation checkpointing, one row per data-parallel rank."""
     dp = dp_size(*parse_layout(layout))
     data = corpus(work / "corpus.jsonl", seq * dp * 4)
-    extra = ["--train.activation_checkpointing", "true", *args.extra]
+    extra = ["--memory.activation_checkpointing", "true", *args.extra]
     status, records = train(work, model, data, layout, seq, dp, 2, extra)
     if status or len(records) < 2:
         return None  # out of memory, or another failure: printed by train()

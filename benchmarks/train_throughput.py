@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _timing import peak_gib, wall_s
 from shapes import SHAPES
 
 
@@ -87,6 +88,7 @@ def loom_step_fn(
     import numpy as np
 
     from loom.dist.mesh import init_parallel
+    from loom.trainer.config import OptimConfig
     from loom.trainer.data.packing import build_row
     from loom.trainer.data.samples import shift_labels
     from loom.trainer.memory import offload_checkpointed_inputs, tile_mlps
@@ -108,7 +110,7 @@ def loom_step_fn(
     if compile:
         compile_decoder_layers(model)
     shard_model(model, parallel)
-    optimizer = build_optimizer(model, 1e-5, (0.9, 0.95), 1e-8, 0.0, parallel.device)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-5), device=parallel.device)
 
     def rows_of(tokens):
         rows = []
@@ -135,9 +137,8 @@ def loom_step_fn(
 def note(path: Path, what: str) -> None:
     """One line of progress (a long step can outlast the caller's time limit)."""
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 2**30
     with path.open("a") as f:
-        f.write(f"{time.strftime('%H:%M:%S')} {what}; peak {peak:.2f} GiB\n")
+        f.write(f"{time.strftime('%H:%M:%S')} {what}; peak {peak_gib():.2f} GiB\n")
 
 
 def run_one(args) -> dict:
@@ -200,14 +201,11 @@ def run_steps(args, step, fm, tokens) -> dict:
     short = tokens[:, : args.warmup_seq] if args.warmup_seq else tokens
     times = []
     for i in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        step(short if i < args.warmup else tokens)
-        torch.cuda.synchronize()
+        seconds = wall_s(lambda i=i: step(short if i < args.warmup else tokens))
         if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
         if args.progress:
-            note(args.progress, f"step {i} done in {time.perf_counter() - start:.1f} s")
+            note(args.progress, f"step {i} done in {seconds:.1f} s")
     seconds = statistics.median(times)
     rows = args.micro * args.accum
     flops = fm.step_flops(args.seq, args.seq**2) * rows
@@ -224,7 +222,7 @@ def run_steps(args, step, fm, tokens) -> dict:
         **({"warmup_seq": args.warmup_seq} if args.warmup_seq else {}),
         "tokens_per_s": args.seq * rows / seconds,
         "mfu": flops / seconds / peak_flops(device, None),
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_memory_gib": peak_gib(),
         "device_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30,
         "step_s": seconds,
         **(compile_stats() if args.compile else {}),

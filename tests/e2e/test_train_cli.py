@@ -57,7 +57,7 @@ def test_tiny_example_learns(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    common = ["--train.steps", "6", "--train.micro_batch_size", "4", "--train.warmup_steps", "2"]
+    common = ["--train.steps", "6", "--train.micro_batch_size", "4", "--optim.warmup_steps", "2"]
     runs = {}
     for nproc in (1, 2):
         runs[nproc] = tmp_path / f"n{nproc}"

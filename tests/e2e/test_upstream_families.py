@@ -38,8 +38,8 @@ TOKENIZER = ROOT / "examples/tiny/model"
 STEPS, MICRO, LR = 12, 2, 2e-3
 COMMON = [
     "--data.max_seq_len", "64", "--train.steps", str(STEPS), "--train.global_batch_size", "4",
-    "--train.micro_batch_size", str(MICRO), "--train.lr", str(LR), "--train.schedule",
-    "constant", "--train.warmup_steps", "0", "--train.grad_clip", "0.5", "--log.progress",
+    "--train.micro_batch_size", str(MICRO), "--optim.lr", str(LR), "--optim.schedule",
+    "constant", "--optim.warmup_steps", "0", "--optim.grad_clip", "0.5", "--log.progress",
     "false",
 ]  # fmt: skip
 
@@ -67,7 +67,7 @@ def upstream_loop(run: Path) -> tuple[list[tuple[float, float]], dict[str, torch
     """The same rows through upstream's class and a plain loop; (loss, grad norm) per step
     and the trained weights."""
     config = load_config(run / "config.yaml")
-    cfg = config.train
+    cfg = config.optim
     # upstream's eager attention is the reference whatever backend Loom ran
     model = AutoModelForCausalLM.from_pretrained(
         config.model.path, attn_implementation="eager", dtype=torch.float32
@@ -80,7 +80,7 @@ def upstream_loop(run: Path) -> tuple[list[tuple[float, float]], dict[str, torch
     try:
         loader = build_loader(config, tokenizer, Console(quiet=True))
         records = []
-        for _ in range(cfg.steps):
+        for _ in range(config.train.steps):
             rows = loader.next_batch(rows_multiple=MICRO)
             tokens = sum(r.loss_tokens for r in rows)
             total = 0.0

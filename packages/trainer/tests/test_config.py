@@ -5,7 +5,14 @@ import pytest
 import yaml
 
 from loom.trainer.cli import main
-from loom.trainer.config import apply_overrides, load_config
+from loom.trainer.config import (
+    MOVED_FROM_TRAIN,
+    MemoryConfig,
+    MovedKeyWarning,
+    OptimConfig,
+    apply_overrides,
+    load_config,
+)
 from loom.trainer.errors import ConfigError
 
 BASE = {
@@ -22,31 +29,33 @@ def write(tmp_path: Path, raw) -> Path:
 
 
 def test_valid_config_and_overrides(tmp_path):
-    cfg = load_config(write(tmp_path, BASE), ["--train.lr", "1e-4", "--data.max_seq_len=64"])
-    assert cfg.train.lr == 1e-4
+    cfg = load_config(write(tmp_path, BASE), ["--optim.lr", "1e-4", "--data.max_seq_len=64"])
+    assert cfg.optim.lr == 1e-4
     assert cfg.data.max_seq_len == 64
     assert cfg.train.micro_batch_size == 1  # default kept
     assert cfg.model.path == Path("model")
 
 
 def test_override_creates_nested_and_parses_yaml_values():
-    raw = apply_overrides({}, ["--train.betas", "[0.8, 0.9]", "--parallel.cpu_offload", "true"])
-    assert raw == {"train": {"betas": [0.8, 0.9]}, "parallel": {"cpu_offload": True}}
+    raw = apply_overrides({}, ["--optim.betas", "[0.8, 0.9]", "--parallel.cpu_offload", "true"])
+    assert raw == {"optim": {"betas": [0.8, 0.9]}, "parallel": {"cpu_offload": True}}
 
 
 @pytest.mark.parametrize(
     "overrides, needle",
     [
-        (["--train.lrr", "1"], "unknown config key train.lrr (did you mean train.lr?)"),
+        (["--optim.lrr", "1"], "unknown config key optim.lrr (did you mean optim.lr?)"),
+        (["--train.lrr", "1"], "unknown config key train.lrr (did you mean optim.lr?)"),
         (["--train.steps", "many"], "config key train.steps"),
         (["--train.steps", "0"], "config key train.steps"),
         (["--bogus.key", "1"], "unknown config key bogus"),
-        (["--train.lr"], "override --train.lr has no value"),
-        (["train.lr", "1"], "expected an override like --train.lr 1e-4"),
+        (["--optim.lr"], "override --optim.lr has no value"),
+        (["optim.lr", "1"], "expected an override like --optim.lr 1e-4"),
         (["--parallel.dp_shard", "0"], "dp_shard must be a positive size or -1"),
-        (["--train.activation_offload", "true"], "it needs activation_checkpointing: true"),
-        (["--train.mlp_tile", "512", "--train.compile", "true"], "mlp_tile and compile"),
-        (["--train.mlp_tile", "-1"], "config key train.mlp_tile"),
+        (["--memory.activation_offload", "true"], "needs memory.activation_checkpointing: true"),
+        (["--memory.mlp_tile", "512", "--memory.compile", "true"], "mlp_tile and memory.compile"),
+        (["--memory.mlp_tile", "-1"], "config key memory.mlp_tile"),
+        (["--optim.schedule", "step"], "config key optim.schedule"),
     ],
 )
 def test_bad_overrides_name_the_key(tmp_path, overrides, needle):
@@ -120,11 +129,98 @@ def test_cli_names_missing_model_and_data(tmp_path, capsys):
 
 
 def test_print_config_shows_resolved_values(tmp_path, capsys):
-    assert main(["train", str(write(tmp_path, BASE)), "--print-config", "--train.lr", "0.5"]) == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["train"]["lr"] == 0.5
-    assert printed["train"]["schedule"] == "cosine"  # a default, made visible
+    assert main(["train", str(write(tmp_path, BASE)), "--print-config", "--optim.lr", "0.5"]) == 0
+    out, err = capsys.readouterr()
+    printed = yaml.safe_load(out)
+    sections = ["model", "data", "train", "optim", "memory", "parallel", "checkpoint", "log"]
+    assert list(printed) == sections
+    assert printed["optim"]["lr"] == 0.5
+    assert printed["optim"]["schedule"] == "cosine"  # a default, made visible
+    assert printed["memory"]["activation_checkpointing"] is False
+    assert "lr" not in printed["train"] and "compile" not in printed["train"]
     assert printed["data"]["sources"][0]["path"] == "data.jsonl"
+    assert err == ""
+
+
+def test_optim_and_memory_sections(tmp_path):
+    raw = {
+        **BASE,
+        "optim": {"lr": 1e-3, "betas": [0.8, 0.99], "schedule": "linear", "grad_clip": 0},
+        "memory": {"activation_checkpointing": True, "ac_every": 2, "activation_offload": True},
+    }
+    cfg = load_config(write(tmp_path, raw))
+    assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.schedule) == (1e-3, (0.8, 0.99), "linear")
+    assert cfg.optim.grad_clip == 0 and cfg.optim.warmup_steps == 0
+    assert cfg.memory.ac_every == 2 and cfg.memory.activation_offload
+    assert not cfg.memory.compile and cfg.memory.mlp_tile == 0
+
+
+# Each key that moved out of train: its section, a value other than its default.
+OLD_KEYS = [
+    ("lr", "optim", "0.5", 0.5),
+    ("betas", "optim", "[0.8, 0.9]", (0.8, 0.9)),
+    ("eps", "optim", "1e-6", 1e-6),
+    ("weight_decay", "optim", "0.1", 0.1),
+    ("schedule", "optim", "linear", "linear"),
+    ("warmup_steps", "optim", "5", 5),
+    ("min_lr_ratio", "optim", "0.2", 0.2),
+    ("grad_clip", "optim", "0.5", 0.5),
+    ("activation_checkpointing", "memory", "true", True),
+    ("ac_every", "memory", "2", 2),
+    ("activation_offload", "memory", "true", True),
+    ("mlp_tile", "memory", "64", 64),
+    ("compile", "memory", "true", True),
+]
+
+
+def test_every_moved_key_is_tested():
+    assert {key: section for key, section, _, _ in OLD_KEYS} == MOVED_FROM_TRAIN
+    assert set(MOVED_FROM_TRAIN) == set(OptimConfig.model_fields) | set(MemoryConfig.model_fields)
+
+
+@pytest.mark.parametrize("key, section, text, value", OLD_KEYS)
+def test_old_train_key_lands_in_its_section_and_names_it(tmp_path, key, section, text, value):
+    extra = ["--memory.activation_checkpointing", "true"] if key == "activation_offload" else []
+    with pytest.warns(MovedKeyWarning) as caught:
+        cfg = load_config(write(tmp_path, BASE), [f"--train.{key}", text, *extra])
+    assert [str(w.message) for w in caught] == [
+        f"train.{key} is now {section}.{key}; train.{key} still works but will be removed"
+    ]
+    assert getattr(getattr(cfg, section), key) == value
+    # the same key in the YAML file
+    raw = {**BASE, "train": {**BASE["train"], key: yaml.safe_load(text)}}
+    with pytest.warns(MovedKeyWarning, match=rf"^train\.{key} is now {section}\.{key};"):
+        cfg = load_config(write(tmp_path, raw), extra)
+    assert getattr(getattr(cfg, section), key) == value
+
+
+def test_old_and_new_key_together(tmp_path):
+    path = write(tmp_path, {**BASE, "train": {**BASE["train"], "lr": 0.1}})
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["--optim.lr", "0.2"])
+    assert "train.lr=0.1 and optim.lr=0.2 are both given" in str(info.value)
+    assert "keep optim.lr only" in str(info.value)
+    with pytest.warns(MovedKeyWarning):  # the same value twice is no conflict
+        assert load_config(path, ["--optim.lr", "0.1"]).optim.lr == 0.1
+
+
+def test_cli_names_the_new_key_once_on_stderr(tmp_path, capsys, monkeypatch):
+    path = write(tmp_path, {**BASE, "train": {**BASE["train"], "warmup_steps": 3}})
+    args = ["train", str(path), "--print-config", "--train.lr", "0.5"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    optim = yaml.safe_load(out)["optim"]
+    assert (optim["lr"], optim["warmup_steps"]) == (0.5, 3)
+    assert err.splitlines() == [
+        "warning: train.warmup_steps is now optim.warmup_steps; train.warmup_steps still "
+        "works but will be removed",
+        "warning: train.lr is now optim.lr; train.lr still works but will be removed",
+    ]
+    # Ranks the loom launcher started read the same config again: they stay quiet.
+    monkeypatch.setenv("LOOM_ERROR_DIR", str(tmp_path))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert main(args) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_plot_command(tmp_path, capsys):

@@ -3,26 +3,33 @@ import math
 import pytest
 import torch
 
+from loom.trainer.config import OptimConfig
 from loom.trainer.optim import build_optimizer, build_scheduler, lr_factor
 
 
 def test_warmup_then_each_schedule():
     warm, total, floor = 4, 14, 0.1
-    assert [lr_factor(s, "cosine", warm, total, floor) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    for s in range(warm, total + 3):
-        p = min(1.0, (s - warm) / (total - warm))
-        assert lr_factor(s, "constant", warm, total, floor) == 1.0
-        assert lr_factor(s, "linear", warm, total, floor) == pytest.approx(
-            floor + (1 - floor) * (1 - p)
-        )
-        cos = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
-        assert lr_factor(s, "cosine", warm, total, floor) == pytest.approx(cos)
+
+    def factors(schedule, steps):
+        optim = OptimConfig(schedule=schedule, warmup_steps=warm, min_lr_ratio=floor)
+        return [lr_factor(s, optim, steps=total) for s in steps]
+
+    assert factors("cosine", range(4)) == [0.25, 0.5, 0.75, 1.0]
+    after = range(warm, total + 3)
+    progress = [min(1.0, (s - warm) / (total - warm)) for s in after]
+    assert factors("constant", after) == [1.0] * len(after)
+    linear = [floor + (1 - floor) * (1 - p) for p in progress]
+    assert factors("linear", after) == pytest.approx(linear)
+    cosine = [floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)) for p in progress]
+    assert factors("cosine", after) == pytest.approx(cosine)
 
 
 def test_scheduler_drives_the_optimizer():
     model = torch.nn.Linear(2, 2)
-    opt = build_optimizer(model, 1e-2, (0.9, 0.95), 1e-8, 0.0, torch.device("cpu"))
-    sched = build_scheduler(opt, "linear", 2, 6, 0.0)
+    optim = OptimConfig(lr=1e-2, schedule="linear", warmup_steps=2, min_lr_ratio=0.0)
+    opt = build_optimizer(model, optim, device=torch.device("cpu"))
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
+    sched = build_scheduler(opt, optim, steps=6)
     seen = []
     for _ in range(7):
         seen.append(opt.param_groups[0]["lr"])

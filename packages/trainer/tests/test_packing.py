@@ -98,8 +98,8 @@ def test_loader_resumes_exactly(unit):
     def make():
         return BatchLoader(
             tables(),
-            [1.0, 2.0],
-            [True, False],
+            weights=[1.0, 2.0],
+            splittable=[True, False],
             seed=3,
             row_len=12,
             pad_id=0,

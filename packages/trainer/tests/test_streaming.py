@@ -47,7 +47,17 @@ def write_parquet(path, values, field="text"):
 
 def stream(path, tok, fmt="text", field="text", buffer=0, strict=True, seed=(0, 0), **kw):
     shards = stream_shards(path)
-    return StreamSource(shards, tok, fmt, field, 16, strict, buffer, seed, **kw)
+    return StreamSource(
+        shards,
+        tok,
+        fmt=fmt,
+        field=field,
+        max_len=16,
+        strict=strict,
+        shuffle_buffer=buffer,
+        seed=seed,
+        **kw,
+    )
 
 
 def fetched(source, key):
@@ -149,7 +159,16 @@ def test_lenient_counts_bad_records_once_per_epoch(tmp_path, tokenizer):
 
 
 def loader(sources, weights, unit="rows"):
-    return BatchLoader(sources, weights, [True] * len(sources), 3, 16, 0, 4, unit)
+    return BatchLoader(
+        sources,
+        weights=weights,
+        splittable=[True] * len(sources),
+        seed=3,
+        row_len=16,
+        pad_id=0,
+        batch_size=4,
+        unit=unit,
+    )
 
 
 def assert_same_batches(got, want):

@@ -19,6 +19,7 @@ from loom.trainer.train import (
     check_learns,
     forward_backward,
     rank_share,
+    reduce_and_update,
     should_skip,
 )
 
@@ -55,7 +56,7 @@ def sharded_step(parallel, tiny_model_dir, prepare=lambda model: None):
     apply_fsdp(model, decoder_layers(model), parallel.fsdp_mesh, mixed_precision(parallel.device))
     batch = rows()
     tokens = sum(r.loss_tokens for r in batch)
-    loss = forward_backward(model, rank_share(batch, 0, 1, 2), tokens, parallel)
+    loss = float(forward_backward(model, rank_share(batch, 0, 1, 2), tokens, parallel))
     return loss, grads(model)
 
 
@@ -98,7 +99,7 @@ def test_loss_is_the_global_token_mean(parallel, tiny_model_dir):
     model, reference = sharded_and_plain(parallel, tiny_model_dir)
     batch = rows(3)
     tokens = sum(r.loss_tokens for r in batch)
-    loss = forward_backward(model, rank_share(batch, 0, 1, 1), tokens, parallel)
+    loss = float(forward_backward(model, rank_share(batch, 0, 1, 1), tokens, parallel))
     # Plain reference: every row separately with HF's own loss would weight rows equally;
     # Loom weights tokens equally across the whole global batch.
     expected = plain_loss(reference, batch, tokens)
@@ -117,7 +118,7 @@ def test_accumulated_steps_see_each_update(parallel, tiny_model_dir):
     batch = rows(4)
     tokens = sum(r.loss_tokens for r in batch)
     for step in range(3):
-        loss = forward_backward(model, rank_share(batch, 0, 1, 1), tokens, parallel)
+        loss = float(forward_backward(model, rank_share(batch, 0, 1, 1), tokens, parallel))
         expected = plain_loss(reference, batch, tokens)
         expected.backward()
         assert loss == pytest.approx(expected.item(), rel=1e-5), step
@@ -181,8 +182,8 @@ def test_config_turns_the_memory_options_on(parallel, tiny_model_dir):
     from loom.trainer.config import load_config
     from loom.trainer.parallelize import build_parallel_model
 
-    on = ["--train.activation_checkpointing", "true", "--train.activation_offload", "true"]
-    config = load_config(tiny_model_dir.parent / "train.yaml", [*on, "--train.mlp_tile", "8"])
+    on = ["--memory.activation_checkpointing", "true", "--memory.activation_offload", "true"]
+    config = load_config(tiny_model_dir.parent / "train.yaml", [*on, "--memory.mlp_tile", "8"])
     layers = decoder_layers(build_parallel_model(config, parallel))
     assert all(x._gradient_checkpointing_func is memory._offloaded_checkpoint for x in layers)
     assert all(x.mlp.forward.func is memory._tiled_forward for x in layers)
@@ -213,6 +214,40 @@ def test_nan_policy():
             should_skip(bad, "stop", 3)
 
 
+def _linear_step(fused: bool, loss_scale: float, stop: float = 0.0):
+    """One reduce_and_update of a linear layer whose loss is ``loss_scale`` times a sum."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, **({"fused": True} if fused else {}))
+    for _ in range(2):  # the second step has optimizer state to keep or change
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        loss = model(torch.ones(2, 4)).sum() * loss_scale
+        loss.backward()
+        result, stepped = reduce_and_update(
+            model, opt, loss.detach(), torch.tensor(stop), max_norm=1.0
+        )
+        if not stepped and math.isfinite(result.loss):
+            opt.step()
+        opt.zero_grad()
+    return model, opt, before, result, stepped
+
+
+def test_the_update_is_skipped_on_the_device(parallel):
+    # The fused AdamW (the GPU's optimizer, also on CPU) skips a non-finite update itself,
+    # so the step reads the device once, after queueing the update.
+    model, opt, before, result, stepped = _linear_step(fused=True, loss_scale=math.inf)
+    assert stepped and not math.isfinite(result.loss)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=0, msg=name)
+        assert opt.state[p]["step"].item() == 0, name  # the skipped steps left no trace
+    fused, _, _, result, stepped = _linear_step(fused=True, loss_scale=1.0, stop=1.0)
+    assert stepped and result.stop and result.grad_norm > 1.0
+    plain, _, _, _, stepped = _linear_step(fused=False, loss_scale=1.0)
+    assert not stepped
+    for (name, got), want in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_a_first_step_without_gradient_stops():
     check_learns(StepResult(5.9, 1e-9, 10), 1)
     check_learns(StepResult(5.9, 0.0, 10), 2)  # later: a step may be flat (frozen, clipped)
@@ -224,3 +259,39 @@ def test_rank_share_splits_contiguously():
     batch = list(range(8))
     assert rank_share(batch, 1, 2, 3) == [[4, 5, 6], [7]]
     assert rank_share(batch, 0, 4, 2) == [[0, 1]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_step_reads_the_gpu_once(tiny_model_dir):
+    """Everything after backward (loss and stop flag reduced, clip, fused update, skip
+    check) makes one host-device synchronization, counted by CUDA's sync debug mode."""
+    import warnings
+
+    parallel = init_parallel()
+    try:
+        model = build_model(tiny_model_dir).to(parallel.device)
+        apply_fsdp(
+            model, decoder_layers(model), parallel.fsdp_mesh, mixed_precision(parallel.device)
+        )
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        batch = rows()
+        tokens = sum(r.loss_tokens for r in batch)
+        counts = []
+        for _ in range(2):  # the first step also builds the clip's flattened mesh
+            local = forward_backward(model, rank_share(batch, 0, 1, 2), tokens, parallel)
+            flag = torch.zeros((), device=parallel.device)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    result, stepped = reduce_and_update(model, opt, local, flag, 1.0)
+                    opt.zero_grad(set_to_none=True)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            counts.append(sum("synchroniz" in str(w.message) for w in caught))
+            assert stepped and math.isfinite(result.loss) and result.grad_norm > 0
+        assert counts[-1] == 1, counts
+    finally:
+        destroy_parallel()

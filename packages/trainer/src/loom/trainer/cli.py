@@ -20,13 +20,14 @@ import subprocess
 import sys
 import tempfile
 import traceback
+import warnings
 from pathlib import Path
 
 import yaml
 from rich.console import Console
 from rich.text import Text
 
-from loom.trainer.config import Config, check_inputs, load_config
+from loom.trainer.config import Config, MovedKeyWarning, check_inputs, load_config
 from loom.trainer.errors import ConfigError, Interrupted, LoomError
 
 
@@ -36,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="train a model from a YAML config",
-        epilog="Any config key can be overridden: --train.lr 1e-4 --data.max_seq_len 4096",
+        epilog="Any config key can be overridden: --optim.lr 1e-4 --data.max_seq_len 4096",
     )
     train.add_argument("config", type=Path, help="YAML run config")
     train.add_argument("--nproc", type=int, default=1, help="processes on this machine")
@@ -58,6 +59,26 @@ def _under_launcher() -> bool:
 def _print_error(message: str) -> None:
     text = Text.assemble(("error: ", "bold red"), message)
     Console(stderr=True).print(text, soft_wrap=True, highlight=False)
+
+
+def _load_config(path: Path, overrides: list[str]) -> Config:
+    """``load_config``, with a ``warning:`` line for each key given under its old name,
+    printed once: ranks the ``loom`` launcher started read the config it already read."""
+    launched = os.environ.get(ERROR_DIR_ENV) and _under_launcher()
+    quiet = launched or os.environ.get("RANK", "0") != "0"
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if not issubclass(category, MovedKeyWarning):
+            default(message, category, filename, lineno, file, line)
+        elif not quiet:
+            text = Text.assemble(("warning: ", "bold yellow"), str(message))
+            Console(stderr=True).print(text, soft_wrap=True, highlight=False)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", MovedKeyWarning)
+        warnings.showwarning = show
+        return load_config(path, overrides)
 
 
 def _report(err: LoomError) -> None:
@@ -203,7 +224,7 @@ def _train_here(config: Config) -> int:
 def train_command(config_path: Path, nproc: int, overrides: list[str]) -> int:
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
-    config = load_config(config_path, overrides)
+    config = _load_config(config_path, overrides)
     if _under_launcher():
         return _train_here(config)
     check_inputs(config)
@@ -235,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(path)
             return 0
         if args.print_config:
-            config = load_config(args.config, overrides)
+            config = _load_config(args.config, overrides)
             print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
             return 0
         return train_command(args.config, args.nproc, overrides)

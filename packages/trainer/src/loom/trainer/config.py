@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import glob
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,14 +73,27 @@ class TrainConfig(Section):
     global_batch_size: int = Field(gt=0, description="per optimizer step, all ranks, in batch_unit")
     batch_unit: Literal["rows", "tokens", "samples"] = "rows"
     micro_batch_size: int = Field(1, gt=0, description="rows per forward pass on one rank")
+    nan_policy: Literal["skip", "stop"] = Field(
+        "stop", description="on a non-finite loss or grad norm: skip the update, or stop"
+    )
+
+
+class OptimConfig(Section):
+    """AdamW and its learning-rate schedule: ``loom.trainer.optim`` takes it whole."""
+
     lr: float = Field(3e-4, gt=0)
-    schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, ge=0, description="max total grad norm; 0 turns clipping off")
+
+
+class MemoryConfig(Section):
+    """What trades time for device memory: ``loom.trainer.parallelize`` takes it whole."""
+
     activation_checkpointing: bool = False
     ac_every: int = Field(1, gt=0, description="checkpoint every n-th decoder layer")
     activation_offload: bool = Field(
@@ -89,20 +103,41 @@ class TrainConfig(Section):
     compile: bool = Field(
         False, description="torch.compile each decoder layer (fuses the elementwise ops)"
     )
-    nan_policy: Literal["skip", "stop"] = Field(
-        "stop", description="on a non-finite loss or grad norm: skip the update, or stop"
-    )
 
     @model_validator(mode="after")
-    def _memory_options_compose(self) -> TrainConfig:
+    def _options_compose(self) -> MemoryConfig:
         if self.activation_offload and not self.activation_checkpointing:
             raise ValueError(
-                "activation_offload moves the checkpointed layers' inputs to host memory: "
-                "it needs activation_checkpointing: true"
+                "memory.activation_offload moves the checkpointed layers' inputs to host "
+                "memory: it needs memory.activation_checkpointing: true"
             )
         if self.mlp_tile and self.compile:
-            raise ValueError("mlp_tile and compile cannot be used together: use one of them")
+            raise ValueError(
+                "memory.mlp_tile and memory.compile cannot be used together: use one of them"
+            )
         return self
+
+
+# Keys that were train keys before their component had a section; the name is kept.
+MOVED_FROM_TRAIN = {
+    "lr": "optim",
+    "betas": "optim",
+    "eps": "optim",
+    "weight_decay": "optim",
+    "schedule": "optim",
+    "warmup_steps": "optim",
+    "min_lr_ratio": "optim",
+    "grad_clip": "optim",
+    "activation_checkpointing": "memory",
+    "ac_every": "memory",
+    "activation_offload": "memory",
+    "mlp_tile": "memory",
+    "compile": "memory",
+}
+
+
+class MovedKeyWarning(FutureWarning):
+    """A config key given under its old name; the message names the new one."""
 
 
 class CheckpointConfig(Section):
@@ -112,6 +147,7 @@ class CheckpointConfig(Section):
 
 
 class LogConfig(Section):
+    every: int = Field(1, gt=0, description="write metrics every n steps (and the last)")
     progress: bool = True
     tensorboard: bool = False
     wandb_project: str | None = None
@@ -137,9 +173,38 @@ class Config(Section):
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
+    optim: OptimConfig = OptimConfig()
+    memory: MemoryConfig = MemoryConfig()
     parallel: ParallelConfig = ParallelConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, raw: Any) -> Any:
+        # Old configs and command lines keep working until the old names are removed.
+        if not (isinstance(raw, dict) and isinstance(raw.get("train"), dict)):
+            return raw
+        raw, train = dict(raw), dict(raw["train"])
+        for key in [k for k in train if k in MOVED_FROM_TRAIN]:
+            section = MOVED_FROM_TRAIN[key]
+            if not isinstance(raw.get(section) or {}, dict):
+                continue  # not a section: validation names it
+            new = raw[section] = dict(raw.get(section) or {})
+            value = train.pop(key)
+            if key in new and new[key] != value:
+                raise ValueError(
+                    f"train.{key}={value!r} and {section}.{key}={new[key]!r} are both given; "
+                    f"train.{key} is the old name of {section}.{key}: keep {section}.{key} only"
+                )
+            new[key] = value
+            warnings.warn(
+                f"train.{key} is now {section}.{key}; train.{key} still works but will be removed",
+                MovedKeyWarning,
+                stacklevel=2,
+            )
+        raw["train"] = train
+        return raw
 
     @model_validator(mode="after")
     def _sequence_parallel_fits(self) -> Config:
@@ -199,7 +264,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     while i < len(overrides):
         flag = overrides[i]
         if not flag.startswith("--") or len(flag) == 2:
-            raise ConfigError(f"expected an override like --train.lr 1e-4, got {flag!r}")
+            raise ConfigError(f"expected an override like --optim.lr 1e-4, got {flag!r}")
         if "=" in flag:
             key, value = flag[2:].split("=", 1)
             i += 1
@@ -236,8 +301,11 @@ def _describe(err: dict[str, Any]) -> str:
     if not key:  # a check across sections; its message names the keys
         return err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(key, _known_keys(Config), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        # A near miss of an old name points at the new one.
+        names = {k: k for k in _known_keys(Config)}
+        names |= {f"train.{k}": f"{section}.{k}" for k, section in MOVED_FROM_TRAIN.items()}
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f" (did you mean {names[close[0]]}?)" if close else ""
         return f"unknown config key {key}{hint}"
     if err["type"] == "missing":
         return f"missing config key {key}"

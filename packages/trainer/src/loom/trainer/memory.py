@@ -71,7 +71,7 @@ def offload_checkpointed_inputs(model: nn.Module) -> None:
     layers = [x for x in decoder_layers(model) if getattr(x, "gradient_checkpointing", False)]
     if not layers:
         raise ConfigError(
-            "train.activation_offload needs train.activation_checkpointing: it moves the "
+            "memory.activation_offload needs memory.activation_checkpointing: it moves the "
             "checkpointed layers' inputs to host memory"
         )
     for layer in layers:
@@ -125,7 +125,7 @@ def tile_mlps(model: nn.Module, tile: int) -> None:
         mlp = getattr(layer, "mlp", None)
         if mlp is None or hasattr(mlp, "experts") or hasattr(mlp, "gate"):
             raise ConfigError(
-                f"train.mlp_tile: decoder layer {index} of {type(model).__name__} has no "
+                f"memory.mlp_tile: decoder layer {index} of {type(model).__name__} has no "
                 "dense mlp (mixture-of-experts blocks route tokens together); use 0"
             )
         mlp.forward = partial(_tiled_forward, mlp, mlp.forward, tile)

@@ -18,7 +18,9 @@ class MetricsLog:
     """One JSON object per optimizer step, flushed at once so a crash loses nothing; also
     sent to TensorBoard / wandb when those are asked for."""
 
-    def __init__(self, out: Path, tensorboard: bool, wandb_project: str | None, config: dict):
+    def __init__(
+        self, out: Path, *, tensorboard: bool, wandb_project: str | None, config: dict
+    ) -> None:
         self._file = (out / "metrics.jsonl").open("a")
         self._tb = self._wandb = None
         if tensorboard:

@@ -23,7 +23,7 @@ from loom.dist.loading import load_safetensors, materialize
 from loom.dist.mesh import ParallelState
 from loom.models.attention import set_sequence_parallel
 from loom.models.registry import port_hooks
-from loom.trainer.config import Config
+from loom.trainer.config import Config, MemoryConfig, ParallelConfig
 from loom.trainer.errors import ConfigError
 from loom.trainer.memory import offload_checkpointed_inputs, tile_mlps
 from loom.trainer.model import build_model, decoder_layers, has_weights
@@ -42,7 +42,7 @@ def build_parallel_model(config: Config, parallel: ParallelState) -> nn.Module:
     model = build_model(config.model.path, config.model.attn_implementation, meta=pretrained)
     if not pretrained:
         model.to(parallel.device)
-    parallelize(model, config, parallel)
+    parallelize(model, parallel, memory=config.memory, parallel_config=config.parallel)
     if pretrained:
         # buffers kept their values; every parameter is filled from the checkpoint next
         materialize(model, parallel.device, init=lambda model: None)
@@ -52,18 +52,28 @@ def build_parallel_model(config: Config, parallel: ParallelState) -> nn.Module:
     return model
 
 
-def parallelize(model: nn.Module, config: Config, parallel: ParallelState) -> None:
-    """Steps 1-7 of the module docstring, as ``config`` asks."""
-    train = config.train
-    if train.activation_checkpointing:
-        enable_activation_checkpointing(model, train.ac_every)
-    if train.activation_offload:
+def parallelize(
+    model: nn.Module,
+    parallel: ParallelState,
+    *,
+    memory: MemoryConfig,
+    parallel_config: ParallelConfig,
+) -> None:
+    """Steps 1-7 of the module docstring, as the ``memory`` and ``parallel`` sections ask."""
+    if memory.activation_checkpointing:
+        enable_activation_checkpointing(model, memory.ac_every)
+    if memory.activation_offload:
         offload_checkpointed_inputs(model)
-    if train.mlp_tile:
-        tile_mlps(model, train.mlp_tile)
-    if train.compile:
+    if memory.mlp_tile:
+        tile_mlps(model, memory.mlp_tile)
+    if memory.compile:
         compile_decoder_layers(model)
-    shard_model(model, parallel, config.parallel.reshard_after_forward, config.parallel.cpu_offload)
+    shard_model(
+        model,
+        parallel,
+        reshard_after_forward=parallel_config.reshard_after_forward,
+        cpu_offload=parallel_config.cpu_offload,
+    )
     set_sequence_parallel(model, parallel.sp_group if parallel.sp_size > 1 else None)
 
 
@@ -89,6 +99,7 @@ def compile_decoder_layers(model: nn.Module) -> None:
 def shard_model(
     model: nn.Module,
     parallel: ParallelState,
+    *,
     reshard_after_forward: bool = True,
     cpu_offload: bool = False,
 ) -> None:
@@ -115,13 +126,13 @@ def shard_model(
     one_group = parallel.fsdp_size == 1 and not cpu_offload
     apply_fsdp(
         model,
-        [] if one_group else decoder_layers(model),
-        parallel.fsdp_mesh,
-        mixed_precision(parallel.device),
+        layers=[] if one_group else decoder_layers(model),
+        mesh=parallel.fsdp_mesh,
+        mp_policy=mixed_precision(parallel.device),
         # One rank holds whole parameters anyway: freeing them after forward only adds
         # copies in backward.
         reshard_after_forward=reshard_after_forward and parallel.fsdp_size > 1,
         cpu_offload=cpu_offload,
         experts=experts,
         expert_mesh=parallel.expert_fsdp_mesh if experts else None,
-    )  # fmt: skip
+    )

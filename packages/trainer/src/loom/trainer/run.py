@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,22 +11,21 @@ import torch.distributed as dist
 from rich.console import Console
 from torch import nn
 
-from loom.dist.checkpoint import load_checkpoint
 from loom.dist.mesh import ParallelState
-from loom.trainer.checkpointing import resume_from
+from loom.trainer.checkpointing import resume
 from loom.trainer.config import Config, DataConfig, SourceConfig, dump_config
 from loom.trainer.data.loader import BatchLoader
 from loom.trainer.data.samples import check_vocab, tokenize_source
 from loom.trainer.data.sources import load_source
 from loom.trainer.data.streaming import StreamSource, stream_shards
 from loom.trainer.flops import FlopModel, flop_model, peak_flops
-from loom.trainer.metrics import MetricsLog, read_metrics
+from loom.trainer.metrics import MetricsLog
 from loom.trainer.model import load_tokenizer
 from loom.trainer.optim import build_optimizer, build_scheduler
 from loom.trainer.parallelize import build_parallel_model
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     config: Config
     parallel: ParallelState
@@ -68,13 +66,13 @@ def build_loader(config: Config, tokenizer, console: Console) -> BatchLoader:
     )
     return BatchLoader(
         [sources[i] for i in range(len(data.sources))],
-        [s.weight for s in data.sources],
-        [s.format == "text" for s in data.sources],
-        train.seed,
-        data.max_seq_len,
-        pad_id,
-        config.global_rows() or train.global_batch_size,
-        unit,
+        weights=[s.weight for s in data.sources],
+        splittable=[s.format == "text" for s in data.sources],
+        seed=train.seed,
+        row_len=data.max_seq_len,
+        pad_id=pad_id,
+        batch_size=config.global_rows() or train.global_batch_size,
+        unit=unit,
     )
 
 
@@ -98,14 +96,20 @@ def _stream(
         f"shuffle buffer {source.shuffle_buffer} samples"
     )
     return StreamSource(
-        shards, tokenizer, source.format, source.column, data.max_seq_len, data.strict,
-        source.shuffle_buffer, seed,
+        shards,
+        tokenizer,
+        fmt=source.format,
+        field=source.column,
+        max_len=data.max_seq_len,
+        strict=data.strict,
+        shuffle_buffer=source.shuffle_buffer,
+        seed=seed,
         warn=lambda message: console.print(message, style="yellow", markup=False),
-    )  # fmt: skip
+    )
 
 
 def build_run(config: Config, parallel: ParallelState) -> Run:
-    cfg, out, main = config.train, config.train.output_dir, parallel.rank == 0
+    out, main = config.train.output_dir, parallel.rank == 0
     console = Console(stderr=True, quiet=not main)
     config.check_world(parallel.dp_size)
     if main:
@@ -115,45 +119,26 @@ def build_run(config: Config, parallel: ParallelState) -> Run:
     check_vocab(tokenizer, config.model.path)
     loader = build_loader(config, tokenizer, console)
     model = build_parallel_model(config, parallel)
-    optimizer = build_optimizer(
-        model, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, parallel.device
-    )
-    scheduler = build_scheduler(
-        optimizer, cfg.schedule, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio
-    )
+    optimizer = build_optimizer(model, config.optim, device=parallel.device)
     run = Run(
-        config, parallel, console, tokenizer, loader, model, optimizer, scheduler,
-        flops=flop_model(model), peak_flops=peak_flops(parallel.device, config.log.peak_tflops),
+        config=config,
+        parallel=parallel,
+        console=console,
+        tokenizer=tokenizer,
+        loader=loader,
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, config.optim, steps=config.train.steps),
+        flops=flop_model(model),
+        peak_flops=peak_flops(parallel.device, config.log.peak_tflops),
         log=None,
-    )  # fmt: skip
+    )
     resume(run)
     if main:
         run.log = MetricsLog(
-            out, config.log.tensorboard, config.log.wandb_project, config.model_dump(mode="json")
+            out,
+            tensorboard=config.log.tensorboard,
+            wandb_project=config.log.wandb_project,
+            config=config.model_dump(mode="json"),
         )
     return run
-
-
-def resume(run: Run) -> None:
-    """Continue from ``checkpoint.resume``'s checkpoint, if there is one."""
-    path = resume_from(run.out, run.config.checkpoint.resume)
-    if path is None:
-        return
-    resumed = load_checkpoint(path, run.model, run.optimizer, run.scheduler, run.parallel.device)
-    run.loader.load_state_dict(resumed.data_state["loader"])
-    run.step, run.tokens = resumed.step, resumed.data_state["tokens"]
-    run.console.print(f"resumed from {path} (saved at world size {resumed.saved_world_size})")
-    if run.parallel.rank == 0:
-        keep_metrics_until(run.out / "metrics.jsonl", run.step)
-
-
-def data_state(run: Run) -> dict:
-    """What a checkpoint keeps besides model, optimizer and scheduler."""
-    return {"loader": run.loader.state_dict(), "tokens": run.tokens}
-
-
-def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop the records a killed run wrote after the checkpoint it resumes from."""
-    if path.is_file():
-        kept = [r for r in read_metrics(path) if r["step"] <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))

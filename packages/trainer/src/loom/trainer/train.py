@@ -8,18 +8,16 @@ import resource
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from loom.dist.checkpoint import save_checkpoint
 from loom.dist.clip import clip_grad_norm_
 from loom.dist.mesh import ParallelState, destroy_parallel, init_parallel
 from loom.dist.ulysses import slice_input
-from loom.trainer.checkpointing import StopRequest, checkpoints_root, prune
+from loom.trainer.checkpointing import StopRequest, save
 from loom.trainer.config import Config
 from loom.trainer.data.collate import boundaries, stack_rows
 from loom.trainer.data.packing import Row
@@ -28,7 +26,7 @@ from loom.trainer.errors import Interrupted, LoomError
 from loom.trainer.export import export_hf
 from loom.trainer.flops import sum_sq_lengths
 from loom.trainer.metrics import plot_run, progress_bar
-from loom.trainer.run import Run, build_run, data_state
+from loom.trainer.run import Run, build_run
 
 
 def rank_share(rows: list[Row], dp_rank: int, dp_size: int, micro: int) -> list[list[Row]]:
@@ -72,15 +70,41 @@ def micro_step_loss(
     return total / num_items
 
 
-def grad_norm_and_clip(model: nn.Module, max_norm: float) -> float:
-    return float(clip_grad_norm_(model.parameters(), max_norm or float("inf")))
-
-
 @dataclass
 class StepResult:
     loss: float
     grad_norm: float
     loss_tokens: int
+    stop: bool = False  # a rank was asked to stop (SIGTERM / SIGINT)
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """The fused AdamW skips an update on the device when its ``found_inf`` is set, so the
+    step need not wait for the GPU to decide; other implementations cannot."""
+    return bool(optimizer.defaults.get("fused"))
+
+
+def reduce_and_update(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    local_loss: torch.Tensor,
+    stop_flag: torch.Tensor,
+    max_norm: float,
+) -> tuple[StepResult, bool]:
+    """Everything after backward, with one host-device synchronization: the loss and the
+    stop flag are summed over the ranks in one collective, the gradient clipped and (with
+    the fused optimizer) a non-finite update skipped on the device, then the three numbers
+    the host needs are read at once. Also returns whether the optimizer has stepped."""
+    reduced = torch.stack([local_loss, stop_flag])
+    dist.all_reduce(reduced)
+    norm = clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+    on_device = skips_on_device(optimizer)
+    if on_device:
+        finite = torch.isfinite(reduced[0]) & torch.isfinite(norm)
+        optimizer.found_inf = (~finite).float()
+        optimizer.step()
+    loss, stopping, grad_norm = torch.stack([reduced[0], reduced[1], norm]).tolist()
+    return StepResult(loss, grad_norm, 0, stopping > 0), on_device
 
 
 def to_device(rows: list[Row], device: torch.device, sp_group) -> dict[str, torch.Tensor]:
@@ -100,9 +124,10 @@ def to_device(rows: list[Row], device: torch.device, sp_group) -> dict[str, torc
 
 def forward_backward(
     model: nn.Module, micro: list[list[Row]], loss_tokens: int, parallel: ParallelState
-) -> float:
+) -> torch.Tensor:
     """Accumulate gradients of the global token-mean loss over this rank's micro-batches;
-    return that loss.
+    return this rank's share of that loss, on the device (not reduced: the step reduces it
+    together with the stop flag, in one collective).
 
     FSDP averages gradients over all dp x sp ranks, so each rank backpropagates its
     summed token loss divided by ``loss_tokens / fsdp_size``: the average is then the
@@ -122,8 +147,7 @@ def forward_backward(
         loss = micro_step_loss(model, batch, num_items, len(micro))
         loss.backward()
         total += loss.detach()
-    dist.all_reduce(total)
-    return total.item() / parallel.fsdp_size
+    return total / parallel.fsdp_size
 
 
 def should_skip(result: StepResult, policy: str, step: int) -> bool:
@@ -134,7 +158,7 @@ def should_skip(result: StepResult, policy: str, step: int) -> bool:
         return True
     raise LoomError(
         f"step {step}: loss {result.loss} / grad norm {result.grad_norm} is not finite "
-        "(train.nan_policy: stop); lower train.lr or set train.nan_policy: skip"
+        "(train.nan_policy: stop); lower optim.lr or set train.nan_policy: skip"
     )
 
 
@@ -182,21 +206,26 @@ def train(config: Config) -> None:
         destroy_parallel()
 
 
-def train_step(run: Run) -> dict:
-    """One optimizer step over the next global batch; returns its metrics record."""
+def train_step(run: Run, stop: StopRequest) -> tuple[dict, bool]:
+    """One optimizer step over the next global batch; returns its metrics record and
+    whether a rank was asked to stop."""
     cfg, parallel = run.config.train, run.parallel
     start = time.perf_counter()
     rows = run.loader.next_batch(rows_multiple=parallel.dp_size * cfg.micro_batch_size)
     # Every rank holds the whole global batch: count loss tokens without a collective.
     loss_tokens = sum(r.loss_tokens for r in rows)
     micro = rank_share(rows, parallel.dp_rank, parallel.dp_size, cfg.micro_batch_size)
-    loss = forward_backward(run.model, micro, loss_tokens, parallel)
-    result = StepResult(loss, grad_norm_and_clip(run.model, cfg.grad_clip), loss_tokens)
-    check_learns(result, run.step + 1)
+    local_loss = forward_backward(run.model, micro, loss_tokens, parallel)
     lr = run.scheduler.get_last_lr()[0]
+    result, updated = reduce_and_update(
+        run.model, run.optimizer, local_loss, stop.flag(parallel.device), run.config.optim.grad_clip
+    )
+    result.loss_tokens = loss_tokens
+    check_learns(result, run.step + 1)
     skipped = should_skip(result, cfg.nan_policy, run.step + 1)
     if not skipped:
-        run.optimizer.step()
+        if not updated:
+            run.optimizer.step()
         run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - start
@@ -221,17 +250,7 @@ def train_step(run: Run) -> dict:
     }
     if run.loader.streams:
         record["skipped_records"] = run.loader.skipped_records
-    return record
-
-
-def save(run: Run) -> Path:
-    root = checkpoints_root(run.out)
-    path = save_checkpoint(
-        root, run.step, run.model, run.optimizer, run.scheduler, data_state(run),
-        run.parallel.device,
-    )  # fmt: skip
-    prune(root, run.config.checkpoint.keep_last)
-    return path
+    return record, result.stop
 
 
 def _train(config: Config, parallel: ParallelState) -> None:
@@ -244,15 +263,15 @@ def _train(config: Config, parallel: ParallelState) -> None:
                 "train", total=total, completed=run.step, status="", visible=config.log.progress
             )
             while run.step < total:
-                record = train_step(run)
+                record, stopping = train_step(run, stop)
                 first = first or record
-                if run.log:
+                logged = run.step % config.log.every == 0 or run.step == total or stopping
+                if run.log and logged:
                     run.log.write(record)
                 bar.update(
                     task, advance=1, status=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}"
                 )
                 _fault_injection(run.step)
-                stopping = stop.requested(parallel.device)
                 if stopping or (every and run.step % every == 0):
                     path = save(run)
                 if stopping:

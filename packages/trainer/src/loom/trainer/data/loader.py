@@ -25,6 +25,7 @@ class BatchLoader:
     def __init__(
         self,
         sources: list[datasets.Dataset | StreamSource],
+        *,
         weights: list[float],
         splittable: list[bool],
         seed: int,

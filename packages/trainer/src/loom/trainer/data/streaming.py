@@ -182,6 +182,7 @@ class StreamSource:
         self,
         shards: list[Path],
         tokenizer,
+        *,
         fmt: Format,
         field: str,
         max_len: int,
