@@ -22,6 +22,10 @@ LOCKED_TRANSFORMERS = "5.17.0"  # the version uv.lock pins and the GPU machines 
 TRANSFORMERS = ["4.57.3", LOCKED_TRANSFORMERS]
 # Packages that never import transformers: their tests run once, with the locked set.
 TRANSFORMERS_FREE = ["packages/core-dist/tests", "packages/kernels/tests"]
+# Tests are independent (temporary folders, file stores, free ports): one pytest worker
+# per core, at most 4 (the e2e layouts start up to 4 ranks each). Much of a test's time is
+# spent importing torch in a subprocess, which a second worker overlaps.
+PARALLEL = ["-n", "auto", "--maxprocesses", "4", "--dist", "worksteal"]
 
 
 # Imports every module of a package (generated ports for another transformers major aside),
@@ -61,7 +65,8 @@ def tests(session: nox.Session, transformers: str) -> None:
         # Resolved afresh: transformers v4 needs older huggingface-hub and tokenizers.
         editable = [arg for pkg in PACKAGES for arg in ("-e", f"packages/{pkg}")]
         session.install(
-            *editable, "pytest", "pytest-timeout", "tensorboard", f"transformers=={transformers}",
+            *editable, "pytest", "pytest-timeout", "pytest-xdist", "tensorboard",
+            f"transformers=={transformers}",
             env={"UV_NO_CONFIG": "1"},  # the root's constraints pin the locked version
         )  # fmt: skip
         # The multi-process e2e suites (marked slow) run once, under the locked version,
@@ -73,7 +78,7 @@ def tests(session: nox.Session, transformers: str) -> None:
             "not slow or v4_parallel",
             *(f"--ignore={p}" for p in TRANSFORMERS_FREE),
         ]
-    session.run("pytest", *(session.posargs or paths))
+    session.run("pytest", *(session.posargs or [*PARALLEL, *paths]))
     # Generated ports must be what their patch configs produce from this transformers.
     session.run("loom-patchgen", "check")
 
