@@ -26,12 +26,24 @@ def load_balancing_loss_func(
     num_experts: int | None = None,
     top_k: int = 2,
     attention_mask: torch.Tensor | None = None,
-    group: torch.distributed.ProcessGroup | None = None,
+) -> torch.Tensor | int:
+    """Upstream's function, with upstream's parameters (the ports replace it by name):
+    the loss over this process's tokens. Loom's forward calls ``load_balancing_loss``."""
+    return load_balancing_loss(gate_logits, num_experts, top_k, attention_mask, group=None)
+
+
+def load_balancing_loss(
+    gate_logits: tuple[torch.Tensor, ...] | None,
+    num_experts: int | None,
+    top_k: int,
+    attention_mask: torch.Tensor | None,
+    *,
+    group: torch.distributed.ProcessGroup | None,
 ) -> torch.Tensor | int:
     """gate_logits: one [tokens, experts] tensor per MoE layer (this rank's tokens);
     attention_mask: [batch, seq] of this rank's tokens, or None; group: the sequence-
-    parallel group the sums are taken over. Returns the int 0 without router logits, as
-    upstream does."""
+    parallel group the sums are taken over (None: this rank's tokens are all of them).
+    Returns the int 0 without router logits, as upstream does."""
     if gate_logits is None or not isinstance(gate_logits, tuple):
         return 0
     device = gate_logits[0].device
@@ -82,7 +94,7 @@ def moe_causal_lm_output(
     )
     aux_loss = None
     if output_router_logits:
-        aux_loss = load_balancing_loss_func(
+        aux_loss = load_balancing_loss(
             outputs.router_logits, model.num_experts, model.num_experts_per_tok, attention_mask,
             group=sequence_parallel_group(model),
         )  # fmt: skip

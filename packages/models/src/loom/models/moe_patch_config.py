@@ -211,8 +211,9 @@ def moe_port(
     config.replace_function(
         "load_balancing_loss_func",
         replacement=create_patch_from_external("loom.models.moe_loss", "load_balancing_loss_func"),
-        description="upstream's aux loss, with its sums taken over the whole sequence under "
-        "sequence parallelism (each SP rank routes only its slice)",
+        description="upstream's aux loss, with upstream's parameters; the forward calls "
+        "load_balancing_loss, which takes its sums over the whole sequence under sequence "
+        "parallelism (each SP rank routes only its slice)",
     )
     config.override_method(
         f"{prefix}ForCausalLM.forward",

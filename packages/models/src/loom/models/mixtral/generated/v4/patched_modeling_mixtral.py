@@ -6,7 +6,7 @@
 # Changes against upstream:
 #   1. replace_class('MixtralRMSNorm'): Loom's fused RMSNorm (fp32 inside, one rounding) (imported from loom.models.layers.LoomRMSNorm)
 #   2. replace_function('apply_rotary_pos_emb'): fused rotary embedding of q and k
-#   3. replace_function('load_balancing_loss_func'): upstream's aux loss, with its sums taken over the whole sequence under sequence parallelism (each SP rank routes only its slice) (imported from loom.models.moe_loss.load_balancing_loss_func)
+#   3. replace_function('load_balancing_loss_func'): upstream's aux loss, with upstream's parameters; the forward calls load_balancing_loss, which takes its sums over the whole sequence under sequence parallelism (each SP rank routes only its slice) (imported from loom.models.moe_loss.load_balancing_loss_func)
 #   4. override_method('MixtralForCausalLM.forward'): fused linear cross-entropy; logits only without labels; guarded aux loss
 #   5. override_method('MixtralSparseMoeBlock.__init__'): the experts as Loom's stacked experts
 #   6. override_method('MixtralSparseMoeBlock.forward'): upstream's router, then Loom's experts
@@ -464,7 +464,7 @@ class MixtralModel(MixtralPreTrainedModel):
         )
 
 
-# [PATCHED by loom.patchgen: upstream's aux loss, with its sums taken over the whole sequence under sequence parallelism (each SP rank routes only its slice)]
+# [PATCHED by loom.patchgen: upstream's aux loss, with upstream's parameters; the forward calls load_balancing_loss, which takes its sums over the whole sequence under sequence parallelism (each SP rank routes only its slice)]
 from loom.models.moe_loss import load_balancing_loss_func
 
 

@@ -7,7 +7,7 @@
 #   1. replace_class('MixtralRMSNorm'): Loom's fused RMSNorm (fp32 inside, one rounding) (imported from loom.models.layers.LoomRMSNorm)
 #   2. replace_class('MixtralExperts'): stacked experts: eager loop / fused grouped GEMM / expert-parallel dispatch+combine; upstream's @use_experts_implementation rerouting is dropped (imported from loom.models.mixtral.experts.MixtralStackedExperts)
 #   3. replace_function('apply_rotary_pos_emb'): fused rotary embedding of q and k
-#   4. replace_function('load_balancing_loss_func'): upstream's aux loss, with its sums taken over the whole sequence under sequence parallelism (each SP rank routes only its slice) (imported from loom.models.moe_loss.load_balancing_loss_func)
+#   4. replace_function('load_balancing_loss_func'): upstream's aux loss, with upstream's parameters; the forward calls load_balancing_loss, which takes its sums over the whole sequence under sequence parallelism (each SP rank routes only its slice) (imported from loom.models.moe_loss.load_balancing_loss_func)
 #   5. override_method('MixtralForCausalLM.forward'): fused linear cross-entropy; logits only without labels; guarded aux loss
 #   6. added after the imports: 2 import(s), 0 block(s)
 #   7. relative imports of upstream rewritten as absolute imports
@@ -432,7 +432,7 @@ class MixtralModel(MixtralPreTrainedModel):
         )
 
 
-# [PATCHED by loom.patchgen: upstream's aux loss, with its sums taken over the whole sequence under sequence parallelism (each SP rank routes only its slice)]
+# [PATCHED by loom.patchgen: upstream's aux loss, with upstream's parameters; the forward calls load_balancing_loss, which takes its sums over the whole sequence under sequence parallelism (each SP rank routes only its slice)]
 from loom.models.moe_loss import load_balancing_loss_func
 
 

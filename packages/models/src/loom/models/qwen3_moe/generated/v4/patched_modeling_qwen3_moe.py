@@ -7,7 +7,7 @@
 #   1. replace_class('Qwen3MoeRMSNorm'): Loom's fused RMSNorm (fp32 inside, one rounding) (imported from loom.models.layers.LoomRMSNorm)
 #   2. override_method('Qwen3MoeMLP.forward'): fused SwiGLU
 #   3. replace_function('apply_rotary_pos_emb'): fused rotary embedding of q and k
-#   4. replace_function('load_balancing_loss_func'): upstream's aux loss, with its sums taken over the whole sequence under sequence parallelism (each SP rank routes only its slice) (imported from loom.models.moe_loss.load_balancing_loss_func)
+#   4. replace_function('load_balancing_loss_func'): upstream's aux loss, with upstream's parameters; the forward calls load_balancing_loss, which takes its sums over the whole sequence under sequence parallelism (each SP rank routes only its slice) (imported from loom.models.moe_loss.load_balancing_loss_func)
 #   5. override_method('Qwen3MoeForCausalLM.forward'): fused linear cross-entropy; logits only without labels; guarded aux loss
 #   6. override_method('Qwen3MoeSparseMoeBlock.__init__'): the experts as Loom's stacked experts
 #   7. override_method('Qwen3MoeSparseMoeBlock.forward'): upstream's router, then Loom's experts
@@ -497,7 +497,7 @@ class Qwen3MoeModel(Qwen3MoePreTrainedModel):
         )
 
 
-# [PATCHED by loom.patchgen: upstream's aux loss, with its sums taken over the whole sequence under sequence parallelism (each SP rank routes only its slice)]
+# [PATCHED by loom.patchgen: upstream's aux loss, with upstream's parameters; the forward calls load_balancing_loss, which takes its sums over the whole sequence under sequence parallelism (each SP rank routes only its slice)]
 from loom.models.moe_loss import load_balancing_loss_func
 
 

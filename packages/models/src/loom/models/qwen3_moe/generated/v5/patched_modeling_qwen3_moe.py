@@ -8,7 +8,7 @@
 #   2. replace_class('Qwen3MoeExperts'): stacked experts: eager loop / fused grouped GEMM / expert-parallel dispatch+combine; upstream's @use_experts_implementation rerouting is dropped (imported from loom.models.qwen3_moe.experts.Qwen3MoeStackedExperts)
 #   3. override_method('Qwen3MoeMLP.forward'): fused SwiGLU
 #   4. replace_function('apply_rotary_pos_emb'): fused rotary embedding of q and k
-#   5. replace_function('load_balancing_loss_func'): upstream's aux loss, with its sums taken over the whole sequence under sequence parallelism (each SP rank routes only its slice) (imported from loom.models.moe_loss.load_balancing_loss_func)
+#   5. replace_function('load_balancing_loss_func'): upstream's aux loss, with upstream's parameters; the forward calls load_balancing_loss, which takes its sums over the whole sequence under sequence parallelism (each SP rank routes only its slice) (imported from loom.models.moe_loss.load_balancing_loss_func)
 #   6. override_method('Qwen3MoeForCausalLM.forward'): fused linear cross-entropy; logits only without labels; guarded aux loss
 #   7. added after the imports: 2 import(s), 0 block(s)
 #   8. relative imports of upstream rewritten as absolute imports
@@ -473,7 +473,7 @@ class Qwen3MoeModel(Qwen3MoePreTrainedModel):
         )
 
 
-# [PATCHED by loom.patchgen: upstream's aux loss, with its sums taken over the whole sequence under sequence parallelism (each SP rank routes only its slice)]
+# [PATCHED by loom.patchgen: upstream's aux loss, with upstream's parameters; the forward calls load_balancing_loss, which takes its sums over the whole sequence under sequence parallelism (each SP rank routes only its slice)]
 from loom.models.moe_loss import load_balancing_loss_func
 
 
