@@ -1,7 +1,7 @@
 """HF safetensors export of a (sharded) model: ``model.safetensors``, or numbered shards
 plus ``model.safetensors.index.json`` when the model is bigger than one shard.
 
-Tensors are gathered one at a time (``full_tensor()``, a collective every rank joins)
+Tensors are gathered one at a time (``full_tensor``, collectives every rank joins)
 and rank 0 writes a shard as soon as it is complete, so rank 0 holds at most one shard
 and no rank holds the whole consolidated model.
 """
@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from loom.dist.loading import INDEX_NAME
 
@@ -51,8 +52,26 @@ def _shard_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a (possibly sharded) tensor, on every rank. One mesh dim at a time:
+    a tensor dim sharded over two mesh dims (an expert tensor under FSDP on top of EP,
+    ``(_StridedShard(0), Shard(0))``) needs one all-gather per mesh dim, which DTensor's
+    ``full_tensor()`` runs too, but in one call that warns it cannot merge them. The
+    shard applied last is undone first: FSDP's strided one, then the rest from the last
+    mesh dim to the first."""
+    if not isinstance(tensor, DTensor):
+        return tensor
+    placements = list(tensor.placements)
+    sharded = [i for i, p in enumerate(placements) if not p.is_replicate()]
+    strided = [i for i in sharded if isinstance(placements[i], _StridedShard)]
+    for dim in strided + [i for i in reversed(sharded) if i not in strided]:
+        placements[dim] = Replicate()
+        tensor = tensor.redistribute(placements=placements)
+    return tensor.to_local()
+
+
 def _gather(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    full = full_tensor(tensor)
     return full.detach().to(device="cpu", dtype=_out_dtype(full, dtype)).contiguous()
 
 

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-from loom.dist.export import export_safetensors
+from loom.dist.export import export_safetensors, full_tensor
 from loom.dist.loading import load_targets
 from loom.models.registry import port_hooks
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def export_hf(model: nn.Module, tokenizer, out: Path) -> None:
@@ -24,7 +18,7 @@ def export_hf(model: nn.Module, tokenizer, out: Path) -> None:
     tensors = load_targets(model)  # a tied matrix once, as HF writes it
     to_hf = port_hooks(model.config.model_type).to_hf
     if to_hf is not None:  # the port's layout differs from HF's: convert whole tensors
-        tensors = to_hf({k: _full(v) for k, v in tensors.items()})
+        tensors = to_hf({k: full_tensor(v) for k, v in tensors.items()})
     export_safetensors(tensors, out)
     if dist.get_rank() == 0:
         model.config.save_pretrained(out)
