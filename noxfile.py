@@ -25,7 +25,7 @@ TRANSFORMERS_FREE = ["packages/core-dist/tests", "packages/kernels/tests"]
 # Tests are independent (temporary folders, file stores, free ports): one pytest worker
 # per core, at most 4 (the e2e layouts start up to 4 ranks each). Much of a test's time is
 # spent importing torch in a subprocess, which a second worker overlaps.
-PARALLEL = ["-n", "auto", "--maxprocesses", "4", "--dist", "worksteal"]
+PARALLEL = ["-n", "auto", "--maxprocesses", "4", "--dist", "worksteal", "--durations", "25"]
 
 
 # Imports every module of a package (generated ports for another transformers major aside),
@@ -87,8 +87,8 @@ def tests(session: nox.Session, transformers: str) -> None:
 # runs every kernel it calls (RMSNorm, rotary, SwiGLU, cross-entropy, MoE grouped GEMM)
 # inside the model, and the interpreter is too slow for the whole matrix.
 TRITON_MODELS_TESTS = [
-    "tests/models/test_models_patch.py",
-    "tests/models/test_moe.py",
+    "packages/models/tests/test_models_patch.py",
+    "packages/models/tests/test_moe.py",
     "-m",
     "not slow",
     "-k",

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _ports import DENSE, MOE  # every port, from packages/models/tests
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -19,8 +20,6 @@ TOY = ROOT / "tests/toy_config"
 TOKENIZER = ROOT / "examples/tiny/model"
 CORPUS = ROOT / "examples/tiny/corpus.jsonl"
 RTOL = 1e-5  # fp32 on CPU; reductions run in a different order per layout
-DENSE = ["llama", "qwen2", "qwen3"]
-MOE = ["qwen3_moe", "mixtral"]
 SP2 = ["--parallel.sp_size", "2"]
 EP2 = ["--parallel.ep_size", "2"]
 AC = ["--memory.activation_checkpointing", "true"]
@@ -34,22 +33,24 @@ def case(name: str, layout: str, nproc: int, extra: list[str], *marks) -> pytest
     return pytest.param(name, nproc, extra, id=f"{name}-{layout}", marks=marks)
 
 
-# The 2-rank layouts run on every toy model; the 4-rank ones on one dense and one MoE
-# model, each run proving two things where it can (a layout and an option).
+# Every port runs its widest 2-rank layout: sp 2 (dense) or sp 2 x ep 2 (MoE), where FSDP
+# shards over both ranks too. dp 2 and ep 2 alone, and the 4-rank layouts, run on one
+# dense and one MoE model, each run proving two things where it can (a layout and an
+# option).
 CASES = [
-    *(case(name, "dp2", 2, []) for name in DENSE),
     *(case(name, "sp2", 2, SP2, *([V4] if name == "qwen3" else [])) for name in DENSE),
+    case("qwen3", "dp2", 2, []),
     case("qwen3", "sp4-ac", 4, ["--parallel.sp_size", "4", *AC]),
     case("qwen3", "hsdp2x2-offload", 4, [*HSDP, *OFFLOAD]),
     # Experts spread over the ranks, and over the SP group. The router aux loss is a mean
     # over micro-batches, so it is layout-independent across dp and ep; under SP its sums
     # are taken over the whole sequence (loom.models.moe_loss).
-    *(case(name, "dp2", 2, []) for name in MOE),
-    *(case(name, "ep2", 2, EP2) for name in MOE),
     *(
         case(name, "sp2xep2", 2, [*SP2, *EP2], *([V4] if name == "qwen3_moe" else []))
         for name in MOE
     ),
+    case("qwen3_moe", "dp2", 2, []),
+    case("qwen3_moe", "ep2", 2, EP2),
     # Also the dp 2 x sp 2 mesh. Not ep 4 over dp 4: one row per micro-batch would change
     # the aux loss, whose load-balancing term is taken per micro-batch (as upstream's is
     # per forward).

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from _dist_harness import assert_close, run_distributed
 from _tiny_model import IGNORE_INDEX, TinyLM, global_batch, token_loss_sum
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -20,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from loom.dist.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from loom.dist.fsdp import apply_fsdp, mixed_precision
 from loom.dist.mesh import destroy_parallel, init_parallel
+from loom.dist.testing import assert_close, run_distributed
 
 
 def _build(seed: int):

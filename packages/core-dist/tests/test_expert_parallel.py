@@ -14,15 +14,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _dist_harness import assert_close, rank_device, run_distributed
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from loom.dist.clip import clip_grad_norm_
 from loom.dist.expert_parallel import combine, dispatch
+from loom.dist.export import full_tensor
 from loom.dist.fsdp import apply_fsdp, mixed_precision
 from loom.dist.mesh import init_parallel
 from loom.dist.plan import ParallelPlan
+from loom.dist.testing import assert_close, rank_device, run_distributed
 
 EXPERTS, DIM, FFN = 8, 8, 12
 EXPERT_PLAN = ParallelPlan({"w_in": (Shard(0),), "w_out": (Shard(0),)})
@@ -201,6 +202,12 @@ def _moe_under_ep_and_fsdp(degrees: dict) -> None:
     for name, param in model.named_parameters():
         clipped = expected[name] * 0.1 / (expected_norm + 1e-6)
         assert_close(param.grad.full_tensor(), clipped, f"{degrees}: clipped {name} grad")
+    # What the HF export gathers: every parameter whole, without DTensor's warning.
+    with _redistribute_warnings() as warned:
+        gathered = {name: full_tensor(param) for name, param in model.named_parameters()}
+    assert not warned, f"{degrees}: the export gathered dim by dim in one call: {warned}"
+    for name, param in reference.named_parameters():
+        assert torch.equal(gathered[name].cpu(), param.detach()), f"{degrees}: {name}"
 
 
 @pytest.mark.parametrize(

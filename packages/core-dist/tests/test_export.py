@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import torch
-from _dist_harness import run_distributed
 from _tiny_model import TinyLM
 from safetensors.torch import load_file
 
@@ -13,6 +12,7 @@ from loom.dist.export import export_safetensors, plan_shards
 from loom.dist.fsdp import apply_fsdp, mixed_precision
 from loom.dist.loading import INDEX_NAME, load_targets
 from loom.dist.mesh import init_parallel
+from loom.dist.testing import run_distributed
 
 
 def test_plan_shards_fills_in_order_and_isolates_big_tensors():

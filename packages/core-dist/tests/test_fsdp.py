@@ -9,12 +9,12 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from _dist_harness import assert_close, run_distributed
 from _tiny_model import IGNORE_INDEX, TinyLM, global_batch, token_loss_sum
 
 from loom.dist.clip import clip_grad_norm_
 from loom.dist.fsdp import apply_fsdp, mixed_precision
 from loom.dist.mesh import ParallelState, init_parallel
+from loom.dist.testing import assert_close, run_distributed
 
 MAX_NORM = 0.5  # below the gradient norm of the first step, so clipping really scales
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from _dist_harness import run_distributed
 from _tiny_model import TinyLM
 from safetensors.torch import save_file
 from torch import nn
@@ -22,6 +21,7 @@ from loom.dist.fsdp import apply_fsdp, mixed_precision
 from loom.dist.loading import CheckpointError, load_safetensors, load_targets, materialize
 from loom.dist.mesh import init_parallel
 from loom.dist.plan import ParallelPlan
+from loom.dist.testing import run_distributed
 
 LAYERS, WIDTH = 32, 1024  # the memory test's model: 32 x 4 MiB = 128 MiB of fp32
 EXPERTS = 4

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch.distributed as dist
-from _dist_harness import run_distributed
 
 from loom.dist.mesh import destroy_parallel, init_parallel, resolve_degrees
+from loom.dist.testing import run_distributed
 
 
 def test_single_process_needs_no_launcher(monkeypatch):

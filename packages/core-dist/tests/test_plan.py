@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from _dist_harness import run_distributed
 from _tiny_model import TinyLM
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from loom.dist.mesh import init_parallel
 from loom.dist.plan import ParallelPlan
+from loom.dist.testing import run_distributed
 
 NAMES = ["embed.weight", "layers.0.up.weight", "layers.0.up.bias", "layers.1.up.weight"]
 

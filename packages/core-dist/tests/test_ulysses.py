@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _dist_harness import assert_close, rank_device, run_distributed
 
+from loom.dist.testing import assert_close, rank_device, run_distributed
 from loom.dist.ulysses import (
     gather_heads_scatter_seq,
     gather_outputs,

@@ -8,23 +8,17 @@ further from an fp32 truth than upstream's own bf16 gradient is (twice, plus a l
 """
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _grads import assert_grads_match, grads_by_name
+from _ports import CASES, DENSE, TOY, backend_params, params
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from loom.models import build_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _grads import assert_grads_match, grads_by_name
-
-TOY = Path(__file__).resolve().parents[1] / "toy_config"
-MODELS = ["llama", "qwen2", "qwen3"]
-BACKENDS = ["eager", "sdpa", "loom_sdpa", "loom_varlen"]
-RTOL, ATOL = 1e-5, 1e-6  # fp32 on CPU
+RTOL, ATOL = 1e-5, 1e-6  # fp32 on CPU, where a case does not say otherwise
 # bf16 test: weights ~ N(0, 0.2) give logits of std ~1.6 and a loss ~1 nat above
 # ln(vocab) (0.02, the toys' own, gives ln(vocab) whatever the model computes)
 BF16_INIT_STD = 0.2
@@ -65,8 +59,7 @@ def upstream(name: str, init_std: float | None = None):
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize(("name", "backend"), backend_params(DENSE))
 def test_forward_backward_matches_upstream(name, backend):
     reference = upstream(name)
     model = build_model(TOY / f"{name}_toy", attn_implementation=backend)
@@ -74,11 +67,12 @@ def test_forward_backward_matches_upstream(name, backend):
     ids, labels, positions, _ = packed_batch(reference.config.vocab_size)
     want = loss_and_backward(reference, ids, labels, positions)
     got = loss_and_backward(model, ids, labels, positions)
-    torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
-    assert_grads_match(model, reference, rtol=RTOL, atol=ATOL)
+    rtol, atol = CASES[name].rtol, CASES[name].atol
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    assert_grads_match(model, reference, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", params(DENSE))
 def test_hf_style_labels_match_upstream_loss(name):
     reference = upstream(name)
     model = build_model(TOY / f"{name}_toy", attn_implementation="eager")
@@ -99,8 +93,7 @@ def test_hf_style_labels_match_upstream_loss(name):
         )
 
 
-@pytest.mark.parametrize("backend", ["loom_sdpa", "loom_varlen"])
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize(("name", "backend"), backend_params(DENSE, ("loom_sdpa", "loom_varlen")))
 def test_packed_rows_equal_separate_samples(name, backend):
     model = build_model(TOY / f"{name}_toy", attn_implementation=backend)
     ids, _, positions, lengths = packed_batch(model.config.vocab_size)
@@ -113,7 +106,7 @@ def test_packed_rows_equal_separate_samples(name, backend):
             start += n
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", params(DENSE))
 def test_bf16_init_is_far_from_uniform(name):
     """The premise of the bf16 test, checked on CPU in fp32: with its init the loss is
     far from ln(vocab), so a port that computed the wrong thing would show in it."""
@@ -131,8 +124,9 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["sdpa", "loom_sdpa", "loom_varlen"])
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize(
+    ("name", "backend"), backend_params(DENSE, ("sdpa", "loom_sdpa", "loom_varlen"))
+)
 def test_bf16_on_gpu_matches_upstream(name, backend):
     """bf16 on the GPU, the fused kernels' path, against an fp32 truth (upstream eager in
     fp32 on the same bf16-rounded weights), held to the accuracy of upstream's own bf16:

@@ -3,7 +3,8 @@
 Each port and its upstream class start from the same weights and take 20 AdamW steps on
 packed rows (several samples per row, position ids restarting, labels shifted within
 samples), on CPU in fp32: the loss must match upstream's at every step and the final
-parameters must be close. The port runs as the trainer runs it (``loom_varlen``
+parameters must be close. On a GPU in bf16 (marked gpu), each step's loss must be no
+further from an fp32 truth than twice upstream bf16's own distance, plus a little. The port runs as the trainer runs it (``loom_varlen``
 attention, fused experts); upstream runs eager (eager experts for the MoE ports, and
 for v4 upstream's state converted to Loom's stacked layout). One-step equivalence
 catches a wrong gradient; this catches what only shows over steps (a gradient that
@@ -13,24 +14,18 @@ weight that drifts).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-
-from loom.models import build_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _grads import assert_tensors_match
+from _ports import DENSE, MOE, TOY, params
 from test_models_patch import packed_batch
 from test_models_patch import upstream as dense_upstream
 from test_moe import CASES, loom_state_dict
 from test_moe import upstream as moe_upstream
 
-TOY = Path(__file__).resolve().parents[1] / "toy_config"
-DENSE, MOE = ["llama", "qwen2", "qwen3"], list(CASES)
+from loom.models import build_model
+
 # lr 3e-3: the loss falls by 1-1.5 nats in 20 steps and the curves stay within ~1e-6 of
 # upstream's; at 1e-2 the toys' training is chaotic enough to grow fp32 noise past 1e-5
 STEPS, LR, WEIGHT_DECAY = 20, 3e-3, 0.01
@@ -71,7 +66,8 @@ def train(model, loss_fn, vocab: int) -> list[float]:
     gets zeros, as Loom's stacked experts hold for an expert no token chose (v4 upstream
     leaves it None, and AdamW would skip its decay and its moments)."""
     optimizer = adamw(model)
-    batches = [packed_batch(vocab, seed=s)[:3] for s in range(BATCHES)]
+    device = next(model.parameters()).device
+    batches = [[t.to(device) for t in packed_batch(vocab, seed=s)[:3]] for s in range(BATCHES)]
     losses = []
     for step in range(STEPS):
         optimizer.zero_grad(set_to_none=True)
@@ -104,7 +100,7 @@ def assert_trains_as_upstream(model, reference, rename=lambda d: d) -> None:
         )
 
 
-@pytest.mark.parametrize("name", DENSE)
+@pytest.mark.parametrize("name", params(DENSE))
 def test_dense_port_trains_as_upstream(name):
     reference = dense_upstream(name)
     model = build_model(TOY / f"{name}_toy", attn_implementation="loom_varlen")
@@ -112,10 +108,54 @@ def test_dense_port_trains_as_upstream(name):
     assert_trains_as_upstream(model, reference)
 
 
-@pytest.mark.parametrize("name", MOE)
+@pytest.mark.parametrize("name", params(MOE))
 def test_moe_port_trains_as_upstream(name):
     case = CASES[name]
     reference = moe_upstream(case, "eager")
     model = build_model(case.path, attn_implementation="loom_varlen", moe_implementation="fused")
     model.load_state_dict(loom_state_dict(case, reference.state_dict()))
     assert_trains_as_upstream(model, reference, rename=lambda d: loom_state_dict(case, d))
+
+
+# bf16 rounds a loss of ~5 nats to steps of 0.03: the slack is two of them
+BF16_LOSS_SLACK = 0.06
+
+
+def _references(name: str):
+    """Upstream fp32 (the truth) and upstream bf16 on the GPU, from the same bf16-rounded
+    weights, and the port's state dict of those weights."""
+    if name in CASES:
+        truth = moe_upstream(CASES[name], "eager")
+        to_port = lambda sd: loom_state_dict(CASES[name], sd)  # noqa: E731
+    else:
+        truth, to_port = dense_upstream(name), lambda sd: sd
+    truth.cuda()
+    with torch.no_grad():
+        for param in truth.parameters():
+            param.copy_(param.to(torch.bfloat16))
+    upstream_bf16 = moe_upstream(CASES[name], "eager") if name in CASES else dense_upstream(name)
+    upstream_bf16.to("cuda", torch.bfloat16).load_state_dict(truth.state_dict())
+    return truth, upstream_bf16, to_port(truth.state_dict())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", params(DENSE + MOE))
+def test_bf16_on_gpu_trains_as_upstream(name):
+    """The port as the trainer runs it on a GPU (bf16, loom_sdpa, fused kernels and
+    experts) against upstream in fp32 and in bf16, 20 AdamW steps each on the same data."""
+    truth, upstream_bf16, state = _references(name)
+    path = CASES[name].path if name in CASES else TOY / f"{name}_toy"
+    extra = {"moe_implementation": "fused"} if name in CASES else {}
+    model = build_model(path, attn_implementation="loom_sdpa", dtype=torch.bfloat16, **extra)
+    model.load_state_dict(state)
+    model.cuda()
+    vocab = truth.config.vocab_size
+    exact = train(truth, upstream_loss, vocab)
+    assert exact[-1] < exact[0] - 0.5, f"the toy should learn: {exact}"
+    want = train(upstream_bf16, upstream_loss, vocab)
+    got = train(model, port_loss, vocab)
+    for step, (g, w, t) in enumerate(zip(got, want, exact, strict=True)):
+        assert abs(g - t) <= 2 * abs(w - t) + BF16_LOSS_SLACK, (
+            f"step {step}: loss {g}, upstream bf16 {w}, fp32 truth {t}"
+        )

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import sys
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import pytest
 import torch
+from _ports import CASES, TOY, params
+from test_models_patch import packed_batch
 
 import loom.kernels
 import loom.kernels.moe
@@ -28,11 +29,6 @@ import loom.models.loss
 from loom.models import build_model
 from loom.models.experts import StackedExperts
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_models_patch import packed_batch
-
-TOY = Path(__file__).resolve().parents[1] / "toy_config"
-PORTS = ["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral"]
 OUTSIDE = "outside the decoder layers"
 
 
@@ -130,7 +126,7 @@ def forward_backward(model) -> torch.Tensor:
     return loss
 
 
-@pytest.mark.parametrize("name", PORTS)
+@pytest.mark.parametrize("name", params(list(CASES)))
 def test_port_calls_loom_kernels_in_every_layer(name, monkeypatch):
     model = port(name)
     seen = count_kernel_calls(monkeypatch, model)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +29,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import transformers
+from _grads import assert_grads_match
+from _ports import MOE, TOY, params
 from safetensors.torch import load_file, save_file
+from test_models_patch import packed_batch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from loom.dist.testing import assert_close, run_distributed
 from loom.models import build_model
 from loom.models.expert_checkpoint import StackedExpertsConverter
 from loom.models.expert_plan import EXPERT_PLAN, expert_modules
@@ -41,14 +44,6 @@ from loom.models.mixtral.converter import MixtralConverter
 from loom.models.mixtral.converter import to_hf as mixtral_to_hf
 from loom.models.qwen3_moe.converter import Qwen3MoeConverter
 from loom.models.qwen3_moe.converter import to_hf as qwen3_moe_to_hf
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "packages" / "core-dist" / "tests"))
-from _dist_harness import assert_close, run_distributed  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _grads import assert_grads_match  # noqa: E402
-from test_models_patch import packed_batch  # noqa: E402
 
 RTOL, ATOL = 1e-5, 1e-6  # fp32 on CPU
 WORLD = 4
@@ -75,7 +70,7 @@ class MoeCase:
 
     @property
     def path(self) -> Path:
-        return ROOT / "tests" / "toy_config" / self.toy
+        return TOY / self.toy
 
     @property
     def layout(self):
@@ -101,7 +96,8 @@ CASES = {
         MixtralConverter, mixtral_to_hf, ("num_local_experts", "hidden_size", "intermediate_size"),
     ),
 }  # fmt: skip
-MODELS = list(CASES)
+MODELS = params(MOE)
+assert set(CASES) == set(MOE), f"each MoE port needs its case here: {sorted(set(MOE) ^ set(CASES))}"
 
 
 def batch(seed: int, rows: int = 2, seq: int = 16):

@@ -1,18 +1,16 @@
 """Ulysses SP through Loom's attention backends: at sp 2 and 4 on CPU gloo, each port's
 loss and gradients equal the single-process (sp=1) computation of the same packed rows."""
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
-from _dist_harness import run_distributed
+from _ports import DENSE, TOY, sp_params
 
+from loom.dist.testing import run_distributed
 from loom.dist.ulysses import slice_input
 from loom.models import build_model
 from loom.models.attention import set_sequence_parallel
 
-TOY = Path(__file__).resolve().parents[1] / "toy_config"
 SEQ = 16  # two rows of 16 tokens: samples of 5, 9, 2 and one of 16
 
 
@@ -52,8 +50,7 @@ def _loss_and_grads(name: str, backend: str) -> tuple[float, dict[str, torch.Ten
     return loss.item(), grads
 
 
-@pytest.mark.parametrize("sp", [2, 4])
-@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize(("name", "sp"), sp_params(DENSE, (2, 4)))
 def test_sp_matches_single_process(name, sp):
     want_loss, want_grads = run_distributed(_loss_and_grads, 1, name, "loom_sdpa")[0]
     for loss, grads in run_distributed(_loss_and_grads, sp, name, "loom_sdpa"):

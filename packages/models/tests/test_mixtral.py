@@ -8,10 +8,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from _ports import toy
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from loom.dist.loading import load_safetensors
@@ -19,7 +18,7 @@ from loom.models import build_model
 from loom.models.mixtral.converter import MixtralConverter, to_hf
 from loom.models.registry import port_hooks
 
-TOY = Path(__file__).resolve().parents[1] / "toy_config" / "mixtral_toy"
+TOY = toy("mixtral")
 E, INTER, HIDDEN = 4, 28, 40  # the toy's
 RTOL, ATOL = 1e-5, 1e-6  # fp32 on CPU
 

@@ -1,6 +1,6 @@
 """Per-parameter comparison of two models' gradients (or weights), by name: what the
-equivalence, convergence and broken-port suites share. Imported by path (tests run
-with ``--import-mode=importlib``): each test file puts this folder on ``sys.path``."""
+equivalence, convergence and broken-port suites share. Imported by name: pytest's
+``pythonpath`` setting (pyproject.toml) puts this folder on the path."""
 
 from __future__ import annotations
 

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import importlib
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _grads import assert_grads_match
+from _ports import TOY
 from test_models_patch import ATOL, RTOL, loss_and_backward, packed_batch
 from test_models_patch import upstream as dense_upstream
 from test_moe import CASES, in_loom_layout, loom_state_dict, packed_rows
@@ -33,8 +31,6 @@ from test_patched_ops import (
 )
 
 from loom.models import build_model
-
-TOY = Path(__file__).resolve().parents[1] / "toy_config"
 
 
 def total_grad_norm(model) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Run a test function on N real processes joined in one process group.
+"""Run a test function on N real processes joined in one process group: the harness of
+Loom's distributed tests, importable by any package's tests (no ``sys.path`` edits).
 
 ``run_distributed(fn, world_size, *args)`` starts ``world_size`` processes, each joins
 a gloo group over a FileStore (NCCL, one GPU per rank, with
@@ -28,8 +29,6 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 _PRELOAD = [
     "torch",
@@ -149,6 +148,8 @@ def run_distributed(
         import torch
 
         if torch.cuda.device_count() < world_size:
+            import pytest  # a test dependency, not one of loom-core-dist's
+
             pytest.skip(f"needs {world_size} GPUs, found {torch.cuda.device_count()}")
     workdir = tempfile.mkdtemp(prefix="loom-dist-")
     try:
