@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from loom.dist.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from loom.dist.export import full_tensor
 from loom.dist.fsdp import apply_fsdp, mixed_precision
 from loom.dist.mesh import destroy_parallel, init_parallel
 from loom.dist.testing import assert_close, run_distributed
@@ -56,9 +57,9 @@ def _snapshot(model, optimizer) -> dict[str, torch.Tensor]:
     """Full (gathered) parameters and AdamW moments, by parameter name."""
     snap = {}
     for name, param in model.named_parameters():
-        snap[name] = param.full_tensor().cpu()
+        snap[name] = full_tensor(param).cpu()
         for moment in ("exp_avg", "exp_avg_sq"):
-            snap[f"{name}.{moment}"] = optimizer.state[param][moment].full_tensor().cpu()
+            snap[f"{name}.{moment}"] = full_tensor(optimizer.state[param][moment]).cpu()
     return snap
 
 

@@ -120,7 +120,7 @@ def _dispatch_combine_matches_dense() -> None:
             sharded = getattr(experts, name).grad
             assert sharded.placements == (Shard(0),)
             expected = getattr(reference, name).grad
-            assert_close(sharded.full_tensor(), expected, f"{where}: {name} grad")
+            assert_close(full_tensor(sharded), expected, f"{where}: {name} grad")
 
     x = torch.zeros(2, DIM, device=device)
     with pytest.raises(ValueError, match=rf"rank {rank}: expert ids must lie in \[0, {EXPERTS}\)"):
@@ -194,14 +194,14 @@ def _moe_under_ep_and_fsdp(degrees: dict) -> None:
     local = model(x, state.ep_group).square().sum()
     (local * state.fsdp_size).backward()  # FSDP divides by fsdp_size: the sum remains
     for name, param in model.named_parameters():
-        assert_close(param.grad.full_tensor(), expected[name], f"{degrees}: {name} grad")
+        assert_close(full_tensor(param.grad), expected[name], f"{degrees}: {name} grad")
     with _redistribute_warnings() as warned:
         norm = clip_grad_norm_(model.parameters(), 0.1)
     assert not warned, f"{degrees}: clipping reduced dim by dim: {warned}"
     assert_close(norm, expected_norm, f"{degrees}: grad norm across the dense and expert meshes")
     for name, param in model.named_parameters():
         clipped = expected[name] * 0.1 / (expected_norm + 1e-6)
-        assert_close(param.grad.full_tensor(), clipped, f"{degrees}: clipped {name} grad")
+        assert_close(full_tensor(param.grad), clipped, f"{degrees}: clipped {name} grad")
     # What the HF export gathers: every parameter whole, without DTensor's warning.
     with _redistribute_warnings() as warned:
         gathered = {name: full_tensor(param) for name, param in model.named_parameters()}

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from _tiny_model import IGNORE_INDEX, TinyLM, global_batch, token_loss_sum
 
 from loom.dist.clip import clip_grad_norm_
+from loom.dist.export import full_tensor
 from loom.dist.fsdp import apply_fsdp, mixed_precision
 from loom.dist.mesh import ParallelState, init_parallel
 from loom.dist.testing import assert_close, run_distributed
@@ -60,10 +61,10 @@ def _sharded_step(model: TinyLM, state: ParallelState) -> dict[str, object]:
         (local * state.fsdp_size / tokens).backward()  # FSDP averages over fsdp_size ranks
         loss_sum += local.detach()
     dist.all_reduce(loss_sum)
-    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    grads = {n: full_tensor(p.grad) for n, p in model.named_parameters()}
     norm = clip_grad_norm_(model.parameters(), MAX_NORM)
     torch.optim.AdamW(model.parameters(), lr=1e-2).step()
-    params = {n: p.full_tensor() for n, p in model.named_parameters()}
+    params = {n: full_tensor(p) for n, p in model.named_parameters()}
     return {"loss": loss_sum / tokens, "grads": grads, "norm": norm, "params": params}
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.tensor import Shard
 
 from loom.dist._safetensors_file import SafetensorsFile
-from loom.dist.export import export_safetensors
+from loom.dist.export import export_safetensors, full_tensor
 from loom.dist.fsdp import apply_fsdp, mixed_precision
 from loom.dist.loading import CheckpointError, load_safetensors, load_targets, materialize
 from loom.dist.mesh import init_parallel
@@ -219,7 +219,7 @@ def _sharded_load_stays_below_model_size(checkpoint: str, experts_checkpoint: st
     for file in sorted(Path(checkpoint).glob("*.safetensors")):
         with SafetensorsFile(file) as f:
             for key in f.tensors:
-                loaded = model.get_parameter(key).full_tensor().cpu()
+                loaded = full_tensor(model.get_parameter(key)).cpu()
                 assert torch.equal(loaded, f.read(key)), key
 
     with torch.device("meta"):
@@ -232,7 +232,7 @@ def _sharded_load_stays_below_model_size(checkpoint: str, experts_checkpoint: st
         "path_peak_kib": max(init_peak, load_peak) - start,
         "load_peak_kib": load_peak - loading_start,
         "bytes_read": report.bytes_read,
-        "experts": moe.experts.full_tensor().cpu(),
+        "experts": full_tensor(moe.experts).cpu(),
     }
 
 

@@ -8,6 +8,7 @@ import torch.distributed as dist
 from _tiny_model import TinyLM
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from loom.dist.export import full_tensor
 from loom.dist.mesh import init_parallel
 from loom.dist.plan import ParallelPlan
 from loom.dist.testing import run_distributed
@@ -56,7 +57,7 @@ def _apply_shards_real_and_meta_models() -> None:
             dim = applied[name][0].dim
             local = original[name].tensor_split(world, dim)[rank]
             assert torch.equal(param.to_local().cpu(), local)  # the mesh's device
-            assert torch.equal(param.full_tensor().cpu(), original[name])
+            assert torch.equal(full_tensor(param).cpu(), original[name])
         else:
             assert not isinstance(param, DTensor)
 

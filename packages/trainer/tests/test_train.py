@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from loom.dist.export import full_tensor
 from loom.dist.fsdp import apply_fsdp, mixed_precision
 from loom.dist.mesh import destroy_parallel, init_parallel
 from loom.trainer import memory
@@ -44,7 +45,7 @@ def rows(n=4, length=24):
 
 
 def grads(model):
-    return {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
+    return {n: full_tensor(p.grad).clone() for n, p in model.named_parameters()}
 
 
 def sharded_step(parallel, tiny_model_dir, prepare=lambda model: None):
