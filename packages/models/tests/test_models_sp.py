@@ -5,26 +5,20 @@ import pytest
 import torch
 import torch.distributed as dist
 from _ports import DENSE, TOY, sp_params
+from test_models_patch import packed_batch
 
 from loom.dist.testing import run_distributed
 from loom.dist.ulysses import slice_input
 from loom.models import build_model
 from loom.models.attention import set_sequence_parallel
 
-SEQ = 16  # two rows of 16 tokens: samples of 5, 9, 2 and one of 16
-
 
 def _batch(vocab: int):
-    gen = torch.Generator().manual_seed(0)
-    rows = ((5, 9, 2), (16,))
-    ids, labels, positions = [], [], []
-    for row in rows:
-        samples = [torch.randint(0, vocab, (n,), generator=gen) for n in row]
-        ids.append(torch.cat(samples))
-        labels.append(torch.cat([torch.cat([s[1:], torch.tensor([-100])]) for s in samples]))
-        positions.append(torch.cat([torch.arange(n) for n in row]))
-    cu = torch.tensor([0, 5, 14, 16, 32], dtype=torch.int32)
-    return torch.stack(ids), torch.stack(labels), torch.stack(positions), cu
+    """test_models_patch's packed rows, with the samples' boundaries over the flat batch."""
+    ids, labels, positions, lengths = packed_batch(vocab)
+    ends = torch.tensor([n for row in lengths for n in row]).cumsum(0)
+    cu = torch.cat([torch.zeros(1), ends]).to(torch.int32)
+    return ids, labels, positions, cu
 
 
 def _loss_and_grads(name: str, backend: str) -> tuple[float, dict[str, torch.Tensor]]:
