@@ -33,6 +33,7 @@ def toy(name: str) -> Path:
 class PortCase:
     name: str
     moe: bool
+    vlm: bool = False  # a vision-language model (tests with images: test_vlm.py)
     min_major: int = 4  # 5: a v5-only case
     backends: tuple[str, ...] = BACKENDS
     max_sp_size: int = 4  # the toy's kv heads bound it
@@ -55,12 +56,25 @@ def _is_moe(name: str) -> bool:
     return any(key in config for key in ("num_experts", "num_local_experts"))
 
 
+def _is_vlm(name: str) -> bool:
+    return "vision_config" in json.loads((toy(name) / "config.json").read_text())
+
+
 # What a port cannot do, by name; a port absent here runs every case.
 LIMITS: dict[str, dict] = {}
 
-CASES = {name: PortCase(name, _is_moe(name), **LIMITS.get(name, {})) for name in PORTS}
-DENSE = [name for name, case in CASES.items() if not case.moe]
-MOE = [name for name, case in CASES.items() if case.moe]
+CASES = {
+    name: PortCase(name, _is_moe(name), _is_vlm(name), **LIMITS.get(name, {})) for name in PORTS
+}
+DENSE = [name for name, case in CASES.items() if not case.moe and not case.vlm]
+MOE = [name for name, case in CASES.items() if case.moe and not case.vlm]
+VLM = [name for name, case in CASES.items() if case.vlm]
+
+
+def decoder_layers(model) -> list:
+    """The text decoder's layers: ``model.model.layers``, or a VLM's
+    ``model.model.language_model.layers``."""
+    return list(getattr(model.model, "language_model", model.model).layers)
 
 
 def params(names: list[str]) -> list[pytest.param]:

@@ -17,7 +17,8 @@ from collections import Counter, defaultdict
 
 import pytest
 import torch
-from _ports import CASES, TOY, params
+from _ports import CASES, TOY, decoder_layers, params
+from _vlm import vlm_batch
 from test_models_patch import packed_batch
 
 import loom.kernels
@@ -74,7 +75,7 @@ def count_kernel_calls(monkeypatch, model) -> OpCalls:
             return _fn(*args, **kwargs)
 
         monkeypatch.setattr(module, op, counted)
-    for index, layer in enumerate(model.model.layers):
+    for index, layer in enumerate(decoder_layers(model)):
         layer.register_forward_pre_hook(lambda *_, i=index: setattr(seen, "layer", i))
         layer.register_forward_hook(lambda *_: setattr(seen, "layer", OUTSIDE))
     return seen
@@ -83,7 +84,7 @@ def count_kernel_calls(monkeypatch, model) -> OpCalls:
 def expected_calls(model) -> dict[str, dict[int | str, int]]:
     """op -> {layer (or OUTSIDE): fewest calls}: what every port of the Llama family
     patches, from the model's own structure."""
-    layers = model.model.layers
+    layers = decoder_layers(model)
     every = range(len(layers))
     sparse = [i for i in every if isinstance(getattr(layers[i].mlp, "experts", None), StackedExperts)]  # fmt: skip
     qk_norm = hasattr(layers[0].self_attn, "q_norm")  # qwen3's q_norm / k_norm
@@ -120,8 +121,13 @@ def port(name: str):
 
 
 def forward_backward(model) -> torch.Tensor:
-    ids, labels, positions, _ = packed_batch(model.config.vocab_size)
-    loss = model(input_ids=ids, position_ids=positions, shift_labels=labels).loss
+    """Packed text rows; for a vision-language port, rows with images."""
+    if CASES[model.config.model_type].vlm:
+        batch = vlm_batch(model.config)
+        loss = model(**batch.port_inputs(), shift_labels=batch.labels).loss
+    else:
+        ids, labels, positions, _ = packed_batch(model.config.vocab_size)
+        loss = model(input_ids=ids, position_ids=positions, shift_labels=labels).loss
     loss.backward()
     return loss
 

@@ -154,6 +154,20 @@ def refusal(config: PretrainedConfig, attn_implementation: str) -> str | None:
     return None
 
 
+def is_vision_language(config: PretrainedConfig) -> bool:
+    return getattr(config, "vision_config", None) is not None
+
+
+def attention_per_config(config: PretrainedConfig, attn_implementation: str) -> str | dict:
+    """A vision-language model's text decoder takes ``attn_implementation``; its vision
+    tower attends bidirectionally within each image, which Loom's causal backends do not:
+    it takes transformers' ``sdpa`` (``eager`` when the text decoder does)."""
+    if not is_vision_language(config):
+        return attn_implementation
+    vision = "eager" if attn_implementation == "eager" else "sdpa"
+    return {"text_config": attn_implementation, "vision_config": vision, "": vision}
+
+
 def build_model(
     source: str | Path | PretrainedConfig | dict,
     attn_implementation: str = "loom_sdpa",
@@ -178,7 +192,10 @@ def build_model(
             config.model_type,
             cls.__name__,
         )
-    kwargs = {"attn_implementation": attn_implementation, "dtype": dtype}
+    kwargs = {
+        "attn_implementation": attention_per_config(config, attn_implementation),
+        "dtype": dtype,
+    }
     if init == "pretrained":
         if isinstance(source, PretrainedConfig | dict):
             raise ValueError("init='pretrained' needs a model directory, not a config")

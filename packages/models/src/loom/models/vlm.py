@@ -1,0 +1,138 @@
+"""The training forward of Loom's vision-language ports (Qwen2.5-VL, Qwen3-VL), shared by
+every major's generated module: the vision tower on the micro-batch's patches (or on a
+dummy image when it has none), its features filled into the placeholder tokens of this
+rank's slice of the sequence, then the text decoder with Loom's attention and loss.
+
+Why not upstream's ``<Prefix>Model.forward``: it computes the 3-D rotary positions from
+the ``input_ids`` it is given (under sequence parallelism, a slice: wrong positions), it
+hands the text decoder's attention keywords (``cu_seq_lens_q``) to the vision tower too,
+and a rank with no image would skip the vision tower, whose FSDP collectives the other
+ranks then wait on forever.
+
+Under sequence parallelism every rank of the group runs the vision tower on all of the
+micro-batch's patches (the group holds the same rows) and keeps the features of the
+placeholders in its slice (``vision_slices``, computed on the host by the trainer).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from loom.models.attention import sequence_parallel_group
+
+MODALITIES = ("image", "video")
+
+
+def vision_features(visual, pixels: torch.Tensor, grid_thw: torch.Tensor):
+    """The vision tower's merged features [tokens, text hidden] and its deepstack features
+    (a list, empty for a model without them), whatever the major returns."""
+    out = visual(pixels, grid_thw=grid_thw)
+    if isinstance(out, torch.Tensor):  # Qwen2.5-VL under v4
+        return out, []
+    if isinstance(out, tuple):  # Qwen3-VL under v4
+        return out[0], list(out[1] or [])
+    return out.pooler_output, list(getattr(out, "deepstack_features", None) or [])
+
+
+def dummy_vision_input(visual) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest input the vision tower takes: one image of merge x merge patches, sized
+    from its config, in the dtype its first layer computes in at call time (under FSDP
+    mixed precision that is not the stored dtype), on its device."""
+    config = visual.config
+    merge = config.spatial_merge_size
+    width = config.in_channels * config.temporal_patch_size * config.patch_size**2
+    weight = visual.patch_embed.proj.weight
+    pixels = torch.zeros(merge * merge, width, dtype=weight.dtype, device=weight.device)
+    grid = torch.tensor([[1, merge, merge]], device=weight.device)
+    return pixels, grid
+
+
+def has_deepstack(model) -> bool:
+    return bool(getattr(model.visual, "deepstack_visual_indexes", None))
+
+
+def vlm_model_forward(
+    model,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    pixel_values_videos: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+    vision_slices: dict[str, tuple[int, int]] | None = None,
+    **kwargs,
+) -> BaseModelOutputWithPast:
+    """``model``: the ``<Prefix>Model`` (``visual`` + ``language_model``). ``input_ids``
+    [batch, seq]: this rank's slice; ``position_ids`` [4, batch, seq] (text positions, then
+    the three rotary axes) or [3, batch, seq], sliced alike; pixels and grids: the whole
+    micro-batch's. ``vision_slices[modality] = (start, end)``: which of the micro-batch's
+    placeholder features fall in this slice (all of them when absent)."""
+    config = model.config
+    embeds = model.get_input_embeddings()(input_ids)
+    inputs = {
+        "image": (pixel_values, image_grid_thw),
+        "video": (pixel_values_videos, video_grid_thw),
+    }
+    masks, deep_parts = {}, {}
+    for modality in MODALITIES:
+        pixels, grid = inputs[modality]
+        if pixels is None:
+            continue
+        mask = input_ids == getattr(config, f"{modality}_token_id")
+        features, deep = vision_features(model.visual, pixels, grid)
+        start, end = (vision_slices or {}).get(modality, (0, features.shape[0]))
+        if vision_slices is None and int(mask.sum()) != features.shape[0]:
+            raise ValueError(
+                f"{int(mask.sum())} {modality} placeholder tokens but {features.shape[0]} "
+                f"{modality} features from {tuple(grid.shape)} grids"
+            )
+        features = features[start:end].to(embeds.dtype)
+        embeds = embeds.masked_scatter(mask[..., None], features)
+        masks[modality], deep_parts[modality] = mask, [d[start:end] for d in deep]
+    if not masks and model.training:
+        # A micro-batch without images still runs the vision tower (on a dummy image) and
+        # adds its outputs times zero: every rank then takes part in the vision layers'
+        # FSDP collectives, and their gradients are zeros rather than missing.
+        features, deep = vision_features(model.visual, *dummy_vision_input(model.visual))
+        embeds = embeds + 0.0 * sum(t.sum() for t in (features, *deep)).to(embeds.dtype)
+    text_kwargs = {}
+    if has_deepstack(model) and masks:
+        visual_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for mask in masks.values():
+            visual_mask |= mask
+        text_kwargs = {
+            "visual_pos_masks": visual_mask,
+            "deepstack_visual_embeds": _deepstack_joint(visual_mask, masks, deep_parts),
+        }
+    return model.language_model(
+        input_ids=None,
+        inputs_embeds=embeds,
+        position_ids=position_ids,
+        **text_kwargs,
+        **kwargs,
+    )
+
+
+def _deepstack_joint(visual_mask, masks, deep_parts) -> list[torch.Tensor]:
+    """Per deepstack layer, the features of every visual token in sequence order (images
+    and videos interleaved as they appear), as upstream joins them."""
+    if len(masks) == 1:
+        return next(iter(deep_parts.values()))
+    joint = []
+    for image, video in zip(deep_parts["image"], deep_parts["video"], strict=True):
+        out = image.new_zeros(int(visual_mask.sum()), image.shape[-1])
+        out[masks["image"][visual_mask]] = image
+        out[masks["video"][visual_mask]] = video
+        joint.append(out)
+    return joint
+
+
+def check_positions(module, position_ids) -> None:
+    """Under sequence parallelism the 3-D rotary positions cannot be computed from a
+    slice of the sequence: they must come with the batch."""
+    if position_ids is None and sequence_parallel_group(module) is not None:
+        raise ValueError(
+            "under sequence parallelism a vision-language model needs position_ids (the 3-D "
+            "rotary positions of the whole row, from loom.models.vlm_positions), not None"
+        )
