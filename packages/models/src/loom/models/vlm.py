@@ -11,7 +11,8 @@ ranks then wait on forever.
 
 Under sequence parallelism every rank of the group runs the vision tower on all of the
 micro-batch's patches (the group holds the same rows) and keeps the features of the
-placeholders in its slice (``vision_slices``, computed on the host by the trainer).
+placeholders in its slice (``vision_slices``: their indices, computed on the host by
+the trainer, so the forward never waits on the device to count placeholders).
 """
 
 from __future__ import annotations
@@ -60,14 +61,14 @@ def vlm_model_forward(
     image_grid_thw: torch.Tensor | None = None,
     pixel_values_videos: torch.Tensor | None = None,
     video_grid_thw: torch.Tensor | None = None,
-    vision_slices: dict[str, tuple[int, int]] | None = None,
+    vision_slices: dict[str, torch.Tensor] | None = None,
     **kwargs,
 ) -> BaseModelOutputWithPast:
     """``model``: the ``<Prefix>Model`` (``visual`` + ``language_model``). ``input_ids``
     [batch, seq]: this rank's slice; ``position_ids`` [4, batch, seq] (text positions, then
     the three rotary axes) or [3, batch, seq], sliced alike; pixels and grids: the whole
-    micro-batch's. ``vision_slices[modality] = (start, end)``: which of the micro-batch's
-    placeholder features fall in this slice (all of them when absent)."""
+    micro-batch's. ``vision_slices[modality]``: the indices of the micro-batch's features
+    that fill this slice's placeholders, in order (all of them when absent)."""
     config = model.config
     embeds = model.get_input_embeddings()(input_ids)
     inputs = {
@@ -81,15 +82,18 @@ def vlm_model_forward(
             continue
         mask = input_ids == getattr(config, f"{modality}_token_id")
         features, deep = vision_features(model.visual, pixels, grid)
-        start, end = (vision_slices or {}).get(modality, (0, features.shape[0]))
-        if vision_slices is None and int(mask.sum()) != features.shape[0]:
-            raise ValueError(
-                f"{int(mask.sum())} {modality} placeholder tokens but {features.shape[0]} "
-                f"{modality} features from {tuple(grid.shape)} grids"
-            )
-        features = features[start:end].to(embeds.dtype)
+        index = (vision_slices or {}).get(modality)
+        if index is None:
+            if int(mask.sum()) != features.shape[0]:
+                raise ValueError(
+                    f"{int(mask.sum())} {modality} placeholder tokens but {features.shape[0]} "
+                    f"{modality} features from {tuple(grid.shape)} grids"
+                )
+            index = torch.arange(features.shape[0], device=features.device)
+        features = features.index_select(0, index).to(embeds.dtype)
         embeds = embeds.masked_scatter(mask[..., None], features)
-        masks[modality], deep_parts[modality] = mask, [d[start:end] for d in deep]
+        masks[modality] = mask
+        deep_parts[modality] = [d.index_select(0, index) for d in deep]
     if not masks and model.training:
         # A micro-batch without images still runs the vision tower (on a dummy image) and
         # adds its outputs times zero: every rank then takes part in the vision layers'

@@ -26,6 +26,11 @@ class Section(BaseModel):
 class ModelConfig(Section):
     path: Path = Field(description="model directory: config.json, tokenizer, optional safetensors")
     attn_implementation: Literal["loom_sdpa", "loom_varlen", "sdpa", "eager"] = "loom_sdpa"
+    freeze_vit: bool = Field(
+        False,
+        description="vision-language models: train the text decoder only, the vision "
+        "tower (and its merger) frozen",
+    )
 
 
 class SourceConfig(Section):
@@ -89,6 +94,12 @@ class OptimConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, ge=0, description="max total grad norm; 0 turns clipping off")
+    vision_lr: float | None = Field(
+        None,
+        gt=0,
+        description="vision-language models: the vision tower's (and merger's) peak "
+        "lr; default: lr",
+    )
 
 
 class MemoryConfig(Section):

@@ -14,7 +14,8 @@ from loom.models.registry import port_hooks
 
 def export_hf(model: nn.Module, tokenizer, out: Path) -> None:
     """Safetensors (sharded with an index when large; gathered one tensor at a time, so no
-    rank holds the whole model), config and tokenizer. Every rank calls it."""
+    rank holds the whole model), config and tokenizer (or a vision-language model's
+    processor). Every rank calls it."""
     tensors = load_targets(model)  # a tied matrix once, as HF writes it
     to_hf = port_hooks(model.config.model_type).to_hf
     if to_hf is not None:  # the port's layout differs from HF's: convert whole tensors
@@ -24,5 +25,5 @@ def export_hf(model: nn.Module, tokenizer, out: Path) -> None:
         model.config.save_pretrained(out)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        tokenizer.save_pretrained(out)  # a processor too (tokenizer + image processor)
     dist.barrier()

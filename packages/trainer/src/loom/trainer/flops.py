@@ -42,7 +42,7 @@ class FlopModel:
 
 def flop_model(model: nn.Module) -> FlopModel:
     """Read sizes off an HF causal LM (call before sharding: it counts local tensors)."""
-    config = model.config
+    config = model.config.get_text_config()
     embedding = model.get_input_embeddings().weight
     tied = model.get_output_embeddings().weight is embedding
     params = sum(p.numel() for p in model.parameters())  # shared tensors are counted once

@@ -38,9 +38,29 @@ def build_model(
         return build(path, attn_implementation=attn_implementation, dtype=torch.float32)
 
 
+def vision_tower(model: nn.Module) -> nn.Module | None:
+    """A vision-language model's vision tower (``model.model.visual``: patch embedding,
+    blocks, merger), or None."""
+    return getattr(getattr(model, "model", None), "visual", None)
+
+
+def vision_blocks(model: nn.Module) -> list[nn.Module]:
+    visual = vision_tower(model)
+    return list(visual.blocks) if visual is not None else []
+
+
+def freeze_vision(model: nn.Module) -> None:
+    visual = vision_tower(model)
+    if visual is None:
+        raise ConfigError("model.freeze_vit: the model has no vision tower (model.model.visual)")
+    visual.requires_grad_(False)
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks FSDP shards one by one (``model.model.layers`` in HF causal LMs)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
+    """The repeated blocks FSDP shards one by one (``model.model.layers`` in HF causal LMs,
+    ``model.model.language_model.layers`` in vision-language models)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(getattr(inner, "language_model", inner), "layers", None)
     if layers is None:
         raise ConfigError(
             f"{type(model).__name__} has no model.layers; Loom cannot find its decoder layers"

@@ -26,7 +26,13 @@ from loom.models.registry import port_hooks
 from loom.trainer.config import Config, MemoryConfig, ParallelConfig
 from loom.trainer.errors import ConfigError
 from loom.trainer.memory import offload_checkpointed_inputs, tile_mlps
-from loom.trainer.model import build_model, decoder_layers, has_weights
+from loom.trainer.model import (
+    build_model,
+    decoder_layers,
+    freeze_vision,
+    has_weights,
+    vision_blocks,
+)
 
 
 def build_parallel_model(config: Config, parallel: ParallelState) -> nn.Module:
@@ -42,6 +48,8 @@ def build_parallel_model(config: Config, parallel: ParallelState) -> nn.Module:
     model = build_model(config.model.path, config.model.attn_implementation, meta=pretrained)
     if not pretrained:
         model.to(parallel.device)
+    if config.model.freeze_vit:
+        freeze_vision(model)
     parallelize(model, parallel, memory=config.memory, parallel_config=config.parallel)
     if pretrained:
         # buffers kept their values; every parameter is filled from the checkpoint next
@@ -126,7 +134,8 @@ def shard_model(
     one_group = parallel.fsdp_size == 1 and not cpu_offload
     apply_fsdp(
         model,
-        layers=[] if one_group else decoder_layers(model),
+        # a vision-language model's vision blocks are sharded one by one too
+        layers=[] if one_group else vision_blocks(model) + decoder_layers(model),
         mesh=parallel.fsdp_mesh,
         mp_policy=mixed_precision(parallel.device),
         # One rank holds whole parameters anyway: freeing them after forward only adds

@@ -12,12 +12,15 @@ from rich.console import Console
 from torch import nn
 
 from loom.dist.mesh import ParallelState
+from loom.models.registry import is_vision_language, load_config
 from loom.trainer.checkpointing import resume
 from loom.trainer.config import Config, DataConfig, SourceConfig, dump_config
 from loom.trainer.data.loader import BatchLoader
+from loom.trainer.data.multimodal import VlmSource, load_processor
 from loom.trainer.data.samples import check_vocab, tokenize_source
 from loom.trainer.data.sources import load_source
 from loom.trainer.data.streaming import StreamSource, stream_shards
+from loom.trainer.errors import ConfigError
 from loom.trainer.flops import FlopModel, flop_model, peak_flops
 from loom.trainer.metrics import MetricsLog
 from loom.trainer.model import load_tokenizer
@@ -38,6 +41,7 @@ class Run:
     flops: FlopModel
     peak_flops: float | None
     log: MetricsLog | None  # rank 0 only
+    processor: object = None  # a vision-language model's (tokenizer + image processor)
     step: int = 0  # optimizer steps done
     tokens: int = 0  # tokens seen
 
@@ -46,15 +50,27 @@ class Run:
         return self.config.train.output_dir
 
 
-def build_loader(config: Config, tokenizer, console: Console) -> BatchLoader:
+def build_loader(config: Config, tokenizer, console: Console, vision=None) -> BatchLoader:
     """Read and tokenize every in-memory source (rank 0 first, so the others reuse its
-    cache); streaming sources only find their shards here."""
+    cache); streaming sources only find their shards here. ``vision``: a vision-language
+    model's ``(processor, model config)``: its chat sources may hold images."""
     data, train = config.data, config.train
-    sources: dict[int, datasets.Dataset | StreamSource] = {}
+    sources: dict[int, datasets.Dataset | StreamSource | VlmSource] = {}
+    for i, source in enumerate(data.sources):
+        if vision is not None and source.format == "chat":
+            if source.streaming:
+                raise ConfigError(
+                    f"data.sources[{i}].streaming: chat with images is read in memory only "
+                    "(streaming it is not supported yet); set streaming: false"
+                )
+            sources[i] = VlmSource(
+                source.path, source.column, *vision, data.max_seq_len, data.strict
+            )
+            console.print(f"data: {source.path}: {len(sources[i])} conversations with images")
     for rank_turn in (True, False):
         if rank_turn == (dist.get_rank() == 0):
             for i, source in enumerate(data.sources):
-                if not source.streaming:
+                if not source.streaming and i not in sources:
                     sources[i] = _load_in_memory(source, tokenizer, data, console)
         dist.barrier()
     for i, source in enumerate(data.sources):
@@ -73,6 +89,7 @@ def build_loader(config: Config, tokenizer, console: Console) -> BatchLoader:
         pad_id=pad_id,
         batch_size=config.global_rows() or train.global_batch_size,
         unit=unit,
+        vision=vision is not None,
     )
 
 
@@ -115,9 +132,16 @@ def build_run(config: Config, parallel: ParallelState) -> Run:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(config, out / "config.yaml")
-    tokenizer = load_tokenizer(config.model.path)
+    model_config = load_config(config.model.path)
+    processor, vision = None, None
+    if is_vision_language(model_config):
+        processor = load_processor(config.model.path)
+        vision = (processor, model_config)
+        tokenizer = processor.tokenizer
+    else:
+        tokenizer = load_tokenizer(config.model.path)
     check_vocab(tokenizer, config.model.path)
-    loader = build_loader(config, tokenizer, console)
+    loader = build_loader(config, tokenizer, console, vision)
     model = build_parallel_model(config, parallel)
     optimizer = build_optimizer(model, config.optim, device=parallel.device)
     run = Run(
@@ -132,6 +156,7 @@ def build_run(config: Config, parallel: ParallelState) -> Run:
         flops=flop_model(model),
         peak_flops=peak_flops(parallel.device, config.log.peak_tflops),
         log=None,
+        processor=processor,
     )
     resume(run)
     if main:

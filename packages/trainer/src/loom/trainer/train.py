@@ -19,7 +19,7 @@ from loom.dist.mesh import ParallelState, destroy_parallel, init_parallel
 from loom.dist.ulysses import slice_input
 from loom.trainer.checkpointing import StopRequest, save
 from loom.trainer.config import Config
-from loom.trainer.data.collate import boundaries, stack_rows
+from loom.trainer.data.collate import boundaries, stack_rows, vision_inputs
 from loom.trainer.data.packing import Row
 from loom.trainer.data.samples import IGNORE_INDEX
 from loom.trainer.errors import Interrupted, LoomError
@@ -37,6 +37,7 @@ def rank_share(rows: list[Row], dp_rank: int, dp_size: int, micro: int) -> list[
 
 
 VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+VISION_KEYS = ("pixel_values", "image_grid_thw", "vision_slices")
 
 
 def varlen_kwargs(cu_seqlens: torch.Tensor, longest: int) -> dict:
@@ -54,7 +55,8 @@ def micro_step_loss(
     A Loom port computes it inside its forward with the fused linear cross-entropy (no
     logits); an upstream model returns logits and the loss is taken from them here.
     """
-    inputs = {k: batch[k] for k in ("input_ids", "position_ids", *VARLEN_KEYS) if k in batch}
+    keys = ("input_ids", "position_ids", *VARLEN_KEYS, *VISION_KEYS)
+    inputs = {k: batch[k] for k in keys if k in batch}
     if getattr(model, "loom_port", False):
         if hasattr(model.config, "router_aux_loss_coef"):
             inputs["aux_loss_scale"] = 1 / micro_batches
@@ -107,9 +109,11 @@ def reduce_and_update(
     return StepResult(loss, grad_norm, 0, stopping > 0), on_device
 
 
-def to_device(rows: list[Row], device: torch.device, sp_group) -> dict[str, torch.Tensor]:
+def to_device(
+    rows: list[Row], device: torch.device, sp_group, image_token_id: int | None = None
+) -> dict[str, torch.Tensor]:
     """A micro-batch's tensors on ``device``: this SP rank's slice of ``[rows, seq]``
-    (boundaries stay whole-row). Copied from pinned memory without waiting: a copy from
+    (boundaries stay whole-row; a vision-language model's patches stay whole). Copied from pinned memory without waiting: a copy from
     pageable memory would make the host wait for the GPU to finish the work queued
     before it, once per tensor."""
     pin = device.type == "cuda"
@@ -117,9 +121,16 @@ def to_device(rows: list[Row], device: torch.device, sp_group) -> dict[str, torc
     def move(t: torch.Tensor) -> torch.Tensor:
         return (t.pin_memory() if pin else t).to(device, non_blocking=pin)
 
-    batch = {k: slice_input(move(v), 1, sp_group) for k, v in stack_rows(rows).items()}
+    batch = {k: slice_input(move(v), v.dim() - 1, sp_group) for k, v in stack_rows(rows).items()}
     cu_seqlens, longest = boundaries(rows)
-    return batch | varlen_kwargs(move(cu_seqlens), longest)
+    batch |= varlen_kwargs(move(cu_seqlens), longest)
+    if rows[0].vision is not None:
+        sp_rank, sp_size = dist.get_rank(sp_group), dist.get_world_size(sp_group)
+        vision = vision_inputs(rows, image_token_id, sp_rank, sp_size)
+        if vision:
+            vision["vision_slices"] = {k: move(v) for k, v in vision["vision_slices"].items()}
+            batch |= {k: move(v) if isinstance(v, torch.Tensor) else v for k, v in vision.items()}
+    return batch
 
 
 def forward_backward(
@@ -135,7 +146,10 @@ def forward_backward(
     """
     num_items = max(loss_tokens, 1) / parallel.fsdp_size
     total = torch.zeros((), device=parallel.device)
-    batches = [to_device(rows, parallel.device, parallel.sp_group) for rows in micro]
+    image_token_id = getattr(model.config, "image_token_id", None)
+    batches = [
+        to_device(rows, parallel.device, parallel.sp_group, image_token_id) for rows in micro
+    ]
     for i, batch in enumerate(batches):
         last = i == len(micro) - 1
         model.set_requires_gradient_sync(last)  # reduce once per step
@@ -250,7 +264,20 @@ def train_step(run: Run, stop: StopRequest) -> tuple[dict, bool]:
     }
     if run.loader.streams:
         record["skipped_records"] = run.loader.skipped_records
+    if rows[0].vision is not None:
+        record |= vision_metrics(rows, run.model.config.image_token_id, step_tokens)
     return record, result.stop
+
+
+def vision_metrics(rows: list[Row], image_token_id: int, step_tokens: int) -> dict:
+    """A vision-language step's tokens split: image placeholders (the vision tower's
+    features), text (the rest, padding excluded), and the images."""
+    image = sum(int((r.input_ids == image_token_id).sum()) for r in rows)
+    return {
+        "images": sum(len(r.vision.image_grid_thw) for r in rows),
+        "image_tokens": image,
+        "text_tokens": step_tokens - image - sum(r.padding for r in rows),
+    }
 
 
 def _train(config: Config, parallel: ParallelState) -> None:
@@ -278,7 +305,7 @@ def _train(config: Config, parallel: ParallelState) -> None:
                     raise Interrupted(f"saved {path}; run the same command to resume")
     finally:
         stop.restore()
-    export_hf(run.model, run.tokenizer, run.out / "hf")
+    export_hf(run.model, run.processor or run.tokenizer, run.out / "hf")
     if run.log:
         run.log.close()
         plot_run(run.out)

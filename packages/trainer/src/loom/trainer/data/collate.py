@@ -9,11 +9,38 @@ from loom.trainer.data.packing import Row
 
 
 def stack_rows(rows: list[Row]) -> dict[str, torch.Tensor]:
-    """``input_ids``, ``labels``, ``position_ids``: [rows, row_len] int64 tensors."""
-    return {
+    """``input_ids``, ``labels``, ``position_ids``: [rows, row_len] int64 tensors; rows with
+    images give ``position_ids`` [4, rows, row_len] (the text positions, then the three
+    rotary axes), sequence last as everywhere."""
+    batch = {
         "input_ids": torch.from_numpy(np.stack([r.input_ids for r in rows])),
         "labels": torch.from_numpy(np.stack([r.labels for r in rows])),
         "position_ids": torch.from_numpy(np.stack([r.position_ids for r in rows])),
+    }
+    if rows[0].vision is not None:
+        mrope = torch.from_numpy(np.stack([r.vision.mrope for r in rows], axis=1))
+        batch["position_ids"] = torch.cat([batch["position_ids"][None], mrope])
+    return batch
+
+
+def vision_inputs(rows: list[Row], image_token_id: int, sp_rank: int, sp_size: int) -> dict:
+    """The micro-batch's patches and grids (whole: every SP rank runs the vision tower on
+    all of them), and ``vision_index``: which of their features fill the image
+    placeholders of this rank's slice of the rows, in the slice's order. Empty dict for
+    rows without images."""
+    grids = [r.vision.image_grid_thw for r in rows if len(r.vision.image_grid_thw)]
+    if not grids:
+        return {}
+    ids = np.stack([r.input_ids for r in rows])
+    is_image = ids == image_token_id
+    order = np.cumsum(is_image.reshape(-1)).reshape(ids.shape) - 1  # row-major feature order
+    width = ids.shape[1] // sp_size
+    part = slice(sp_rank * width, (sp_rank + 1) * width)
+    index = order[:, part][is_image[:, part]]
+    return {
+        "pixel_values": torch.from_numpy(np.concatenate([r.vision.pixel_values for r in rows])),
+        "image_grid_thw": torch.from_numpy(np.concatenate(grids)),
+        "vision_slices": {"image": torch.from_numpy(index.astype(np.int64))},
     }
 
 

@@ -13,6 +13,7 @@ import datasets
 import numpy as np
 
 from loom.trainer.data.mixture import Mixture
+from loom.trainer.data.multimodal import VlmSource
 from loom.trainer.data.packing import Ref, Row, build_row, pack_greedy
 from loom.trainer.data.streaming import StreamSource
 
@@ -20,11 +21,13 @@ BatchUnit = Literal["rows", "samples"]
 
 
 class BatchLoader:
-    """``sources``: tokenized tables (in memory) or streaming sources, in any mix."""
+    """``sources``: tokenized tables (in memory), streaming sources or (a vision-language
+    run) chat sources with images, in any mix."""
 
     def __init__(
         self,
-        sources: list[datasets.Dataset | StreamSource],
+        sources: list[datasets.Dataset | StreamSource | VlmSource],
+        vision: bool = False,
         *,
         weights: list[float],
         splittable: list[bool],
@@ -35,8 +38,9 @@ class BatchLoader:
         unit: BatchUnit = "rows",
     ) -> None:
         self.sources = [
-            s if isinstance(s, StreamSource) else s.with_format("numpy") for s in sources
+            s.with_format("numpy") if isinstance(s, datasets.Dataset) else s for s in sources
         ]
+        self.vision = vision
         self.streams = {i: s for i, s in enumerate(self.sources) if isinstance(s, StreamSource)}
         sizes = [None if i in self.streams else len(s) for i, s in enumerate(self.sources)]
         self.mixture = Mixture(sizes, weights, seed)
@@ -46,8 +50,10 @@ class BatchLoader:
         self.pending: list[Ref] = []
         self.step = 0
 
-    def _fetch(self, ref: Ref) -> tuple[np.ndarray, np.ndarray]:
+    def _fetch(self, ref: Ref) -> tuple:
         source, key, offset = ref
+        if isinstance(self.sources[source], VlmSource):
+            return self.sources[source].fetch(key)  # never split: offset is 0
         if source in self.streams:
             ids, labels = self.streams[source].fetch(key)
         else:
@@ -71,9 +77,10 @@ class BatchLoader:
             self.row_len,
             self.pad_id,
             **count,
+            vision=self.vision,
         )
         while len(rows) % rows_multiple:
-            rows.append(build_row([], self.row_len, self.pad_id))
+            rows.append(build_row([], self.row_len, self.pad_id, self.vision))
         self.step += 1
         return rows
 

@@ -90,6 +90,11 @@ def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Loss only on assistant turns (their content and end-of-turn markers)."""
     if tokenizer.chat_template is None:
         raise DataError("chat data needs a tokenizer with a chat_template; this one has none")
+    if any(not isinstance(m["content"], str) for m in messages):
+        raise DataError(
+            "a message's content is a list of parts (images); only a vision-language model "
+            "(a config.json with a vision_config) trains on those"
+        )
     text, spans = assistant_spans(tokenizer, messages)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     starts = [s for s, _ in spans]

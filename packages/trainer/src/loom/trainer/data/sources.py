@@ -1,7 +1,8 @@
 """Read a data source (JSON lines, Parquet, or a ``datasets`` folder) and check its records.
 
 Text records need a non-empty string field; chat records a list of
-``{"role": ..., "content": ...}`` messages with at least one assistant turn. In strict
+``{"role": ..., "content": ...}`` messages with at least one assistant turn (content: a
+string, or a list of text and image parts for a vision-language model). In strict
 mode the first bad record stops the run with its file and line (or row); otherwise bad
 records are dropped and counted.
 """
@@ -38,10 +39,27 @@ def record_problem(record: Any, fmt: Format, field: str) -> str | None:
     for i, message in enumerate(value):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             return f'{field}[{i}] needs a "role" of {sorted(ROLES)}, found {message!r}'
-        if not isinstance(message.get("content"), str):
-            return f'{field}[{i}] needs string "content", found {message.get("content")!r}'
+        problem = _content_problem(message.get("content"))
+        if problem:
+            return f"{field}[{i}]: {problem}"
     if not any(m["role"] == "assistant" for m in value):
         return f'field "{field}" has no assistant message to train on'
+    return None
+
+
+def _content_problem(content: Any) -> str | None:
+    """A message's content: a string, or a list of text and image parts."""
+    if isinstance(content, str):
+        return None
+    if not isinstance(content, list):
+        return f'needs "content" as a string or a list of parts, found {content!r}'
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            continue
+        if kind in ("image", "video"):
+            continue
+        return f'a content part must be {{"type": "text", "text": ...}} or an image, found {part!r}'
     return None
 
 
