@@ -96,7 +96,7 @@ def write_tokenizer(texts: list[str], out: Path, vocab_size: int):
         special_tokens=SPECIAL,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tokenizer.train_from_iterator(texts + ["user", "assistant", "system"], trainer=trainer)
+    tokenizer.train_from_iterator([*texts, "user", "assistant", "system"], trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token=SPECIAL[0], pad_token=SPECIAL[1]
     )
@@ -132,7 +132,7 @@ def model_config(vocab_size: int, tokenizer) -> dict:
                 "rope_type": "default",
                 "mrope_section": [4, 2, 2],
                 "mrope_interleaved": True,
-            },  # fmt: skip
+            },
             "attention_bias": False,
             "attention_dropout": 0.0,
             "initializer_range": 0.02,
