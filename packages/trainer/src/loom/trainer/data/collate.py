@@ -28,8 +28,8 @@ def vision_inputs(rows: list[Row], image_token_id: int, sp_rank: int, sp_size: i
     all of them), and ``vision_index``: which of their features fill the image
     placeholders of this rank's slice of the rows, in the slice's order. Empty dict for
     rows without images."""
-    grids = [r.vision.image_grid_thw for r in rows if len(r.vision.image_grid_thw)]
-    if not grids:
+    with_images = [r.vision for r in rows if len(r.vision.image_grid_thw)]
+    if not with_images:
         return {}
     ids = np.stack([r.input_ids for r in rows])
     is_image = ids == image_token_id
@@ -38,8 +38,8 @@ def vision_inputs(rows: list[Row], image_token_id: int, sp_rank: int, sp_size: i
     part = slice(sp_rank * width, (sp_rank + 1) * width)
     index = order[:, part][is_image[:, part]]
     return {
-        "pixel_values": torch.from_numpy(np.concatenate([r.vision.pixel_values for r in rows])),
-        "image_grid_thw": torch.from_numpy(np.concatenate(grids)),
+        "pixel_values": torch.from_numpy(np.concatenate([v.pixel_values for v in with_images])),
+        "image_grid_thw": torch.from_numpy(np.concatenate([v.image_grid_thw for v in with_images])),
         "vision_slices": {"image": torch.from_numpy(index.astype(np.int64))},
     }
 

@@ -1,0 +1,207 @@
+"""Vision-language training through ``loom train`` (CPU, gloo, FSDP2 always on): every
+layout gives one process's per-step loss and grad norm and the same exported weights,
+including data parallelism where one rank's micro-batch has an image and the other's
+does not (the dummy vision forward keeps FSDP's collectives matched); ``freeze_vit``
+leaves every vision weight as it was; bad records are one ``error:`` line naming file
+and line; the export loads in upstream transformers with its processor."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples/tiny-vlm"
+RTOL = 1e-5
+
+
+def model_dir(out: Path) -> Path:
+    """The example's model with seeded random weights in model.safetensors."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    model = out / "model"
+    shutil.copytree(EXAMPLE / "model", model)
+    torch.manual_seed(0)
+    upstream = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model))
+    weights = {k: v.contiguous() for k, v in upstream.state_dict().items() if k != "lm_head.weight"}
+    save_file(weights, model / "model.safetensors")
+    return model
+
+
+def conversations(out: Path, images: int = 1, text_only: int = 7) -> Path:
+    """``images`` conversations about an image, then ``text_only`` without one: with one
+    conversation per row and 4 rows a step, a rank of two can hold an image while the
+    other holds none."""
+    lines = (EXAMPLE / "conversations.jsonl").read_text().splitlines()
+    data = out / "data.jsonl"
+    records = []
+    for line in lines[:images]:
+        record = json.loads(line)
+        for message in record["messages"]:
+            for part in message["content"] if isinstance(message["content"], list) else ():
+                if part["type"] == "image":
+                    part["image"] = str(EXAMPLE / part["image"])
+        records.append(record)
+    for i in range(text_only):
+        records.append({"messages": [
+            {"role": "user", "content": f"Say the number {i}."},
+            {"role": "assistant", "content": f"The number is {i}."},
+        ]})  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return data
+
+
+def train_config(out: Path, data: Path) -> Path:
+    config = out / "train.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": str(model_dir(out))},
+                # 44 tokens with its image, 47 without: one conversation per row
+                "data": {"path": str(data), "format": "chat", "max_seq_len": 48},
+                "train": {
+                    "output_dir": "unused", "steps": 4, "global_batch_size": 4,
+                    "micro_batch_size": 2,
+                },
+                "optim": {"lr": 1e-3, "warmup_steps": 1},
+                "log": {"progress": False},
+            }
+        )
+    )  # fmt: skip
+    return config
+
+
+def run(config: Path, out: Path, nproc: int, extra: list[str]) -> list[dict]:
+    command = [sys.executable, "-m", "loom.trainer.cli", "train", str(config)]
+    command += ["--nproc", str(nproc), "--train.output_dir", str(out), *extra]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> tuple[Path, Path, list[dict]]:
+    out = tmp_path_factory.mktemp("vlm")
+    config = train_config(out, conversations(out))
+    records = run(config, out / "single", 1, [])
+    assert sum(r["images"] for r in records) >= 2, "the image should be drawn in two epochs"
+    return config, out / "single", records
+
+
+LAYOUTS = {
+    "sp2": ["--parallel.sp_size", "2"],
+    # 2 rows per rank: in the steps with the image one rank has it, the other none
+    "dp2": [],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_process(layout, single):
+    config, reference_dir, reference = single
+    out = config.parent / layout
+    records = run(config, out, 2, LAYOUTS[layout])
+    for want, got in zip(reference, records, strict=True):
+        for key in ("loss", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=RTOL), (key, want, got)
+        assert got["images"] == want["images"]
+    want, got = (load_file(d / "hf/model.safetensors") for d in (reference_dir, out))
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_export_loads_upstream_with_processor(single):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    _, reference_dir, _ = single
+    model, info = AutoModelForImageTextToText.from_pretrained(
+        reference_dir / "hf", output_loading_info=True
+    )
+    assert not any(info.values()), info
+    processor = AutoProcessor.from_pretrained(reference_dir / "hf")
+    assert processor.image_processor.patch_size == model.config.vision_config.patch_size
+
+
+@pytest.mark.slow
+def test_freeze_vit_keeps_every_vision_weight(single):
+    config, _, _ = single
+    out = config.parent / "frozen"
+    run(config, out, 1, ["--model.freeze_vit", "true"])
+    start = load_file(Path(yaml.safe_load(config.read_text())["model"]["path"]) / "model.safetensors")
+    end = load_file(out / "hf/model.safetensors")
+    vision = [k for k in start if k.startswith("model.visual.")]
+    assert vision and all(torch.equal(start[k], end[k]) for k in vision)
+    text = [k for k in start if k not in vision]
+    assert all(not torch.equal(start[k], end[k]) for k in text if "norm" not in k)
+
+
+def _bad(tmp_path: Path, record: dict) -> subprocess.CompletedProcess:
+    good = json.loads((EXAMPLE / "conversations.jsonl").read_text().splitlines()[0])
+    good["messages"][0]["content"][0]["image"] = str(EXAMPLE / good["messages"][0]["content"][0]["image"])  # fmt: skip
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        yaml.safe_dump({
+            "model": {"path": str(EXAMPLE / "model")},
+            "data": {"path": str(data), "format": "chat", "max_seq_len": 64},
+            "train": {"output_dir": str(tmp_path / "run"), "steps": 1, "global_batch_size": 1},
+            "log": {"progress": False},
+        })
+    )  # fmt: skip
+    command = [sys.executable, "-m", "loom.trainer.cli", "train", str(config)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def _ask(content) -> dict:
+    return {"messages": [
+        {"role": "user", "content": content}, {"role": "assistant", "content": "Red."},
+    ]}  # fmt: skip
+
+
+def _corrupt(tmp_path: Path) -> str:
+    path = tmp_path / "corrupt.png"
+    path.write_bytes(b"\x89PNG not really")
+    return str(path)
+
+
+BAD = {
+    "missing image": (
+        lambda tmp: _ask([{"type": "image", "image": "no/such.png"}, {"type": "text", "text": "?"}]),
+        r"bad\.jsonl:2: image .*no/such\.png does not exist",
+    ),
+    "corrupt image": (
+        lambda tmp: _ask([{"type": "image", "image": _corrupt(tmp)}, {"type": "text", "text": "?"}]),
+        r"bad\.jsonl:2: cannot read image .*corrupt\.png",
+    ),
+    "more placeholders than images": (
+        lambda tmp: _ask("<|vision_start|><|image_pad|><|vision_end|>What color?"),
+        r"bad\.jsonl:2: more image placeholders in the rendered conversation than images \(0\)",
+    ),
+    "video": (
+        lambda tmp: _ask([{"type": "video", "video": "clip/"}, {"type": "text", "text": "?"}]),
+        r"bad\.jsonl:2: video parts are not supported yet",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_record_is_one_error_line(case, tmp_path):
+    import re
+
+    make, expected = BAD[case]
+    done = _bad(tmp_path, make(tmp_path))
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(expected, errors[0]), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
