@@ -136,7 +136,9 @@ def test_freeze_vit_keeps_every_vision_weight(single):
     config, _, _ = single
     out = config.parent / "frozen"
     run(config, out, 1, ["--model.freeze_vit", "true"])
-    start = load_file(Path(yaml.safe_load(config.read_text())["model"]["path"]) / "model.safetensors")
+    start = load_file(
+        Path(yaml.safe_load(config.read_text())["model"]["path"]) / "model.safetensors"
+    )
     end = load_file(out / "hf/model.safetensors")
     vision = [k for k in start if k.startswith("model.visual.")]
     assert vision and all(torch.equal(start[k], end[k]) for k in vision)
@@ -176,11 +178,15 @@ def _corrupt(tmp_path: Path) -> str:
 
 BAD = {
     "missing image": (
-        lambda tmp: _ask([{"type": "image", "image": "no/such.png"}, {"type": "text", "text": "?"}]),
+        lambda tmp: _ask(
+            [{"type": "image", "image": "no/such.png"}, {"type": "text", "text": "?"}]
+        ),
         r"bad\.jsonl:2: image .*no/such\.png does not exist",
     ),
     "corrupt image": (
-        lambda tmp: _ask([{"type": "image", "image": _corrupt(tmp)}, {"type": "text", "text": "?"}]),
+        lambda tmp: _ask(
+            [{"type": "image", "image": _corrupt(tmp)}, {"type": "text", "text": "?"}]
+        ),
         r"bad\.jsonl:2: cannot read image .*corrupt\.png",
     ),
     "more placeholders than images": (

@@ -38,7 +38,10 @@ def test_strict_text_names_the_bad_line(tmp_path, lines, needle):
     [
         ({"messages": []}, "non-empty list of messages"),
         ({"messages": [{"role": "robot", "content": "x"}]}, 'needs a "role"'),
-        ({"messages": [{"role": "user", "content": 1}]}, 'needs "content" as a string or a list of parts, found 1'),
+        (
+            {"messages": [{"role": "user", "content": 1}]},
+            'needs "content" as a string or a list of parts, found 1',
+        ),
         ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant message"),
     ],
 )

@@ -70,5 +70,5 @@ def test_vision_lr_groups_exactly_the_vision_tower(parallel, toy):
 @pytest.mark.parametrize("toy", VLM_TOYS, ids=lambda p: p.name)
 def test_vision_lr_with_a_frozen_tower_is_refused(parallel, toy):
     config, model = build(parallel, toy, "--optim.vision_lr", "1e-4", "--model.freeze_vit", "true")
-    with pytest.raises(ConfigError, match="optim.vision_lr: the model has no trainable vision"):
+    with pytest.raises(ConfigError, match=r"optim\.vision_lr: the model has no trainable vision"):
         param_groups(model, config.optim)
