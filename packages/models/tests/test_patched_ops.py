@@ -29,6 +29,7 @@ import loom.models.layers
 import loom.models.loss
 from loom.models import build_model
 from loom.models.experts import StackedExperts
+from loom.models.registry import model_type
 
 OUTSIDE = "outside the decoder layers"
 
@@ -122,7 +123,7 @@ def port(name: str):
 
 def forward_backward(model) -> torch.Tensor:
     """Packed text rows; for a vision-language port, rows with images."""
-    if CASES[model.config.model_type].vlm:
+    if CASES[model_type(model.config)].vlm:
         batch = vlm_batch(model.config)
         loss = model(**batch.port_inputs(), shift_labels=batch.labels).loss
     else:

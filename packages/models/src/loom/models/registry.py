@@ -115,9 +115,15 @@ def load_config(source: str | Path | PretrainedConfig | dict) -> PretrainedConfi
     return AutoConfig.from_pretrained(source)
 
 
+def model_type(config: PretrainedConfig) -> str:
+    """``config``'s model type, read from its class: under transformers v4, Qwen2.5-VL's
+    config answers attribute reads from its text config (model_type qwen2_5_vl_text)."""
+    return type(config).model_type or config.model_type
+
+
 def model_class(config: PretrainedConfig) -> tuple[type[PreTrainedModel], bool]:
     """The class for ``config`` and whether it is a Loom port."""
-    factory = MODELING_REGISTRY.get(config.model_type)
+    factory = MODELING_REGISTRY.get(model_type(config))
     if factory is None:
         return AutoModelForCausalLM._model_mapping[type(config)], False
     architecture = (getattr(config, "architectures", None) or [""])[0]
@@ -130,24 +136,24 @@ def eager_only_features(config: PretrainedConfig) -> list[str]:
     features = []
     if getattr(config, "attn_logit_softcapping", None) is not None:
         features.append("attention logit softcapping (config.attn_logit_softcapping)")
-    if config.model_type == "gpt_oss":
+    if model_type(config) == "gpt_oss":
         features.append("attention sinks (the attention layers' sinks parameters)")
     return features
 
 
 def refusal(config: PretrainedConfig, attn_implementation: str) -> str | None:
     """Why Loom will not train ``config`` with ``attn_implementation``, or None."""
-    model_type = config.model_type
-    if MODELING_REGISTRY.get(model_type) is None and model_type not in UPSTREAM_FAMILIES:
+    name = model_type(config)
+    if MODELING_REGISTRY.get(name) is None and name not in UPSTREAM_FAMILIES:
         return (
-            f"model_type {model_type!r} has no Loom port and is not among the upstream "
+            f"model_type {name!r} has no Loom port and is not among the upstream "
             f"families proven to train with upstream's numbers ({', '.join(UPSTREAM_FAMILIES)});"
             f" Loom ports: {', '.join(PORTS)}. docs/adding_a_model.md shows how to add one"
         )
     features = eager_only_features(config)
     if features and attn_implementation != "eager":
         return (
-            f"model_type {model_type!r} uses {' and '.join(features)}, which "
+            f"model_type {name!r} uses {' and '.join(features)}, which "
             f"model.attn_implementation {attn_implementation!r} does not compute; "
             "use model.attn_implementation: eager"
         )
@@ -189,7 +195,7 @@ def build_model(
         logger.warning(
             "no Loom port for model_type %r: training upstream %s unpatched (proven equal to "
             "upstream's loop; no fused kernels; sequence and expert parallelism are refused)",
-            config.model_type,
+            model_type(config),
             cls.__name__,
         )
     kwargs = {
@@ -199,7 +205,7 @@ def build_model(
     if init == "pretrained":
         if isinstance(source, PretrainedConfig | dict):
             raise ValueError("init='pretrained' needs a model directory, not a config")
-        converter = port_hooks(config.model_type).converter if is_port else None
+        converter = port_hooks(model_type(config)).converter if is_port else None
         if converter is None:
             model = cls.from_pretrained(source, config=config, **kwargs)
         else:

@@ -70,6 +70,7 @@ def vlm_model_forward(
     micro-batch's. ``vision_slices[modality]``: the indices of the micro-batch's features
     that fill this slice's placeholders, in order (all of them when absent)."""
     config = model.config
+    kwargs.pop("second_per_grid_ts", None)  # video timing: in the positions already
     embeds = model.get_input_embeddings()(input_ids)
     inputs = {
         "image": (pixel_values, image_grid_thw),

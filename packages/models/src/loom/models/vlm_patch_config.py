@@ -10,6 +10,9 @@ with the batch, and their absence is an error.
 
 from __future__ import annotations
 
+import torch
+
+from loom.kernels import apply_rotary
 from loom.models.dense_patch_config import mlp_forward, rotary_v4, rotary_v5
 from loom.models.loss import loss_or_logits
 from loom.models.vlm import check_positions, vlm_model_forward
@@ -44,6 +47,10 @@ def vlm_causal_lm_forward_v5(
     r"""
     labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
         Labels for computing the language modeling loss, shifted inside; -100 is ignored.
+    image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`, *optional*):
+        The temporal, height and width of each image's feature grid.
+    video_grid_thw (`torch.LongTensor` of shape `(num_videos, 3)`, *optional*):
+        The temporal, height and width of each video's feature grid.
     """
     # --- Patch.1 ---
     shift_labels = kwargs.pop("shift_labels", None)
@@ -122,6 +129,10 @@ def vlm_causal_lm_forward_v4(
     r"""
     labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
         Labels for computing the language modeling loss, shifted inside; -100 is ignored.
+    image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`, *optional*):
+        The temporal, height and width of each image's feature grid.
+    video_grid_thw (`torch.LongTensor` of shape `(num_videos, 3)`, *optional*):
+        The temporal, height and width of each video's feature grid.
     """
     # --- Patch.1 ---
     shift_labels = kwargs.pop("shift_labels", None)
@@ -189,35 +200,81 @@ def vlm_model_init_v5(self, config):
     self.post_init()
 
 
-def vlm_port(model: str, prefix: str, major: int, text_prefix: str | None = None) -> PatchConfig:
+# ================================================================
+# Patch: apply_multimodal_rotary_pos_emb (Qwen2.5-VL under v4)
+# 1. the three axes' sections of cos and sin joined as upstream does, then Loom's fused
+#    rotary (loom.kernels.apply_rotary)
+# ================================================================
+def multimodal_rotary_v4(q, k, cos, sin, mrope_section, unsqueeze_dim=1):
+    # --- Patch.1 ---
+    sections = mrope_section * 2
+    cos = torch.cat([m[i % 3] for i, m in enumerate(cos.split(sections, dim=-1))], dim=-1)
+    sin = torch.cat([m[i % 3] for i, m in enumerate(sin.split(sections, dim=-1))], dim=-1)
+    return apply_rotary(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+    # --- Patch.1 ---
+
+
+def vlm_port(
+    model: str,
+    prefix: str,
+    major: int,
+    *,
+    norm: str | None = None,
+    norm_imported: bool = False,
+    mlp: str | None = None,
+    multimodal_rotary: bool = False,
+    vision_class: str | None = None,
+) -> PatchConfig:
     """The port of ``transformers.models.<model>.modeling_<model>`` for one major.
-    ``text_prefix``: the prefix of the text decoder's classes (``<Prefix>Text``)."""
-    text = text_prefix or f"{prefix}Text"
+
+    ``norm``, ``mlp``: the text decoder's RMSNorm and MLP classes (default
+    ``<Prefix>TextRMSNorm``, ``<Prefix>TextMLP``); ``norm_imported``: the module imports
+    its norm from another model's module, where it is rebound to Loom's instead.
+    ``multimodal_rotary``: the module joins the rotary axes' sections in
+    ``apply_multimodal_rotary_pos_emb`` (Qwen2.5-VL under v4), not in its rotary class.
+    ``vision_class``: the vision tower's class (default ``<Prefix>VisionModel``).
+    """
+    norm = norm or f"{prefix}TextRMSNorm"
     config = PatchConfig(
         source_module=f"transformers.models.{model}.modeling_{model}",
         target_file=f"patched_modeling_{model}.py",
         description=f"{prefix} with Loom's fused kernels, fused loss and multimodal forward",
         transformers_majors=(major,),
     )
-    config.replace_class(
-        f"{text}RMSNorm",
-        replacement=create_patch_from_external("loom.models.layers", "LoomRMSNorm"),
-        description="Loom's fused RMSNorm (fp32 inside, one rounding)",
-    )
+    if norm_imported:
+        config.drop_import_names(norm)
+        config.add_import("loom.models.layers", names=["LoomRMSNorm"])
+        config.add_post_import_block(f"{norm} = LoomRMSNorm  # Loom's fused RMSNorm")
+    else:
+        config.replace_class(
+            norm,
+            replacement=create_patch_from_external("loom.models.layers", "LoomRMSNorm"),
+            description="Loom's fused RMSNorm (fp32 inside, one rounding)",
+        )
     config.override_method(
-        f"{text}MLP.forward", replacement=mlp_forward, description="fused SwiGLU"
+        f"{mlp or prefix + 'TextMLP'}.forward", replacement=mlp_forward, description="fused SwiGLU"
     )
-    config.replace_function(
-        "apply_rotary_pos_emb",
-        replacement=rotary_v5 if major >= 5 else rotary_v4,
-        description="fused rotary embedding of the text decoder's q and k",
-    )
+    if multimodal_rotary:
+        config.replace_function(
+            "apply_multimodal_rotary_pos_emb",
+            replacement=multimodal_rotary_v4,
+            description="fused rotary embedding of the text decoder's q and k",
+        )
+    else:
+        config.replace_function(
+            "apply_rotary_pos_emb",
+            replacement=rotary_v5 if major >= 5 else rotary_v4,
+            description="fused rotary embedding of the text decoder's q and k",
+        )
     if major >= 5:
         config.override_method(
             f"{prefix}Model.__init__",
             replacement=vlm_model_init_v5,
             description="the sub-models from this module (AutoModel would build upstream's)",
-            name_map={"Qwen3VL": prefix},
+            name_map={
+                "Qwen3VLVisionModel": vision_class or f"{prefix}VisionModel",
+                "Qwen3VL": prefix,
+            },
         )
     forward = vlm_causal_lm_forward_v5 if major >= 5 else vlm_causal_lm_forward_v4
     config.override_method(
@@ -225,6 +282,9 @@ def vlm_port(model: str, prefix: str, major: int, text_prefix: str | None = None
         replacement=forward,
         description="Loom's multimodal training forward; fused linear cross-entropy",
         name_map={"Qwen3VL": prefix},
+        # a model's own parameters (Qwen2.5-VL's use_cache, second_per_grid_ts) arrive in
+        # **kwargs and reach upstream's model forward unchanged
+        allow_signature_change=True,
     )
     config.add_import("loom.kernels", names=["apply_rotary", "swiglu"])
     config.add_import("loom.models.loss", names=["loss_or_logits"])

@@ -369,7 +369,7 @@ def check_model(config: Config) -> None:
     """Refuse, before any process starts, a model Loom cannot train with upstream's
     numbers under this config: no port and not a proven family, an attention feature
     the chosen backend would drop, a layout only ports support."""
-    from loom.models.registry import PORTS, load_config, refusal
+    from loom.models.registry import PORTS, load_config, model_type, refusal
 
     try:
         model_config = load_config(config.model.path)
@@ -380,11 +380,11 @@ def check_model(config: Config) -> None:
     problem = refusal(model_config, config.model.attn_implementation)
     if problem:
         raise ConfigError(f"model.path {config.model.path}: {problem}")
-    model_type, p = model_config.model_type, config.parallel
+    name, p = model_type(model_config), config.parallel
     for key, size in (("sp_size", p.sp_size), ("ep_size", p.ep_size)):
-        if size > 1 and model_type not in PORTS:
+        if size > 1 and name not in PORTS:
             raise ConfigError(
-                f"parallel.{key}={size}, but {model_type} has no Loom port: only ports are "
+                f"parallel.{key}={size}, but {name} has no Loom port: only ports are "
                 "proven under sequence and expert parallelism; use 1"
             )
 

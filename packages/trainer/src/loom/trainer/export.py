@@ -9,7 +9,7 @@ from torch import nn
 
 from loom.dist.export import export_safetensors, full_tensor
 from loom.dist.loading import load_targets
-from loom.models.registry import port_hooks
+from loom.models.registry import model_type, port_hooks
 
 
 def export_hf(model: nn.Module, tokenizer, out: Path) -> None:
@@ -17,7 +17,7 @@ def export_hf(model: nn.Module, tokenizer, out: Path) -> None:
     rank holds the whole model), config and tokenizer (or a vision-language model's
     processor). Every rank calls it."""
     tensors = load_targets(model)  # a tied matrix once, as HF writes it
-    to_hf = port_hooks(model.config.model_type).to_hf
+    to_hf = port_hooks(model_type(model.config)).to_hf
     if to_hf is not None:  # the port's layout differs from HF's: convert whole tensors
         tensors = to_hf({k: full_tensor(v) for k, v in tensors.items()})
     export_safetensors(tensors, out)

@@ -22,7 +22,7 @@ from loom.dist.fsdp import apply_fsdp, mixed_precision
 from loom.dist.loading import load_safetensors, materialize
 from loom.dist.mesh import ParallelState
 from loom.models.attention import set_sequence_parallel
-from loom.models.registry import port_hooks
+from loom.models.registry import model_type, port_hooks
 from loom.trainer.config import Config, MemoryConfig, ParallelConfig
 from loom.trainer.errors import ConfigError
 from loom.trainer.memory import offload_checkpointed_inputs, tile_mlps
@@ -54,7 +54,7 @@ def build_parallel_model(config: Config, parallel: ParallelState) -> nn.Module:
     if pretrained:
         # buffers kept their values; every parameter is filled from the checkpoint next
         materialize(model, parallel.device, init=lambda model: None)
-        hooks = port_hooks(model.config.model_type)
+        hooks = port_hooks(model_type(model.config))
         converter = hooks.converter(model.config) if hooks.converter else None
         load_safetensors(model, config.model.path, converter)
     return model
@@ -113,10 +113,10 @@ def shard_model(
 ) -> None:
     """A MoE port's experts ``Shard(0)`` over the ep mesh, then FSDP2 over dp x sp (and
     the experts over the expert mesh)."""
-    hooks = port_hooks(model.config.model_type)
+    hooks = port_hooks(model_type(model.config))
     if parallel.sp_size > 1 and not getattr(model, "loom_port", False):
         raise ConfigError(
-            f"parallel.sp_size={parallel.sp_size}, but {model.config.model_type} has no Loom "
+            f"parallel.sp_size={parallel.sp_size}, but {model_type(model.config)} has no Loom "
             "port: its layers are not known to keep tokens apart outside attention; use sp_size 1"
         )
     experts = []
@@ -125,7 +125,7 @@ def shard_model(
         experts = hooks.expert_modules(model)
     elif parallel.ep_size > 1:
         raise ConfigError(
-            f"parallel.ep_size={parallel.ep_size}, but {model.config.model_type} has no "
+            f"parallel.ep_size={parallel.ep_size}, but {model_type(model.config)} has no "
             "Loom port with experts to spread; use ep_size 1"
         )
     # One rank keeps whole parameters all step (nothing to reshard after forward or

@@ -7,7 +7,7 @@
 #   1. replace_class('Qwen3VLTextRMSNorm'): Loom's fused RMSNorm (fp32 inside, one rounding) (imported from loom.models.layers.LoomRMSNorm)
 #   2. override_method('Qwen3VLTextMLP.forward'): fused SwiGLU
 #   3. replace_function('apply_rotary_pos_emb'): fused rotary embedding of the text decoder's q and k
-#   4. override_method('Qwen3VLModel.__init__'): the sub-models from this module (AutoModel would build upstream's) [name_map Qwen3VL* -> Qwen3VL*]
+#   4. override_method('Qwen3VLModel.__init__'): the sub-models from this module (AutoModel would build upstream's) [name_map Qwen3VLVisionModel* -> Qwen3VLVisionModel*, Qwen3VL* -> Qwen3VL*]
 #   5. override_method('Qwen3VLForConditionalGeneration.forward'): Loom's multimodal training forward; fused linear cross-entropy [name_map Qwen3VL* -> Qwen3VL*]
 #   6. added after the imports: 3 import(s), 0 block(s)
 #   7. relative imports of upstream rewritten as absolute imports
@@ -1339,6 +1339,10 @@ class Qwen3VLForConditionalGeneration(Qwen3VLPreTrainedModel, GenerationMixin):
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Labels for computing the language modeling loss, shifted inside; -100 is ignored.
+        image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`, *optional*):
+            The temporal, height and width of each image's feature grid.
+        video_grid_thw (`torch.LongTensor` of shape `(num_videos, 3)`, *optional*):
+            The temporal, height and width of each video's feature grid.
         """
         # --- Patch.1 ---
         shift_labels = kwargs.pop("shift_labels", None)
