@@ -1,9 +1,10 @@
-"""Vision-language training through ``loom train`` (CPU, gloo, FSDP2 always on): every
-layout gives one process's per-step loss and grad norm and the same exported weights,
-including data parallelism where one rank's micro-batch has an image and the other's
-does not (the dummy vision forward keeps FSDP's collectives matched); ``freeze_vit``
-leaves every vision weight as it was; bad records are one ``error:`` line naming file
-and line; the export loads in upstream transformers with its processor."""
+"""Vision-language training through ``loom train`` (CPU, gloo, FSDP2 always on): for
+every VLM port, sp 2 gives one process's per-step loss and grad norm and the same
+exported weights, and so does data parallelism where one rank's micro-batch has an
+image and the other's does not (the dummy vision forward keeps FSDP's collectives
+matched); ``freeze_vit`` leaves every vision weight as it was; bad records are one
+``error:`` line naming file and line; the export loads in upstream transformers with
+its processor."""
 
 from __future__ import annotations
 
@@ -20,15 +21,32 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples/tiny-vlm"
+TOY = ROOT / "tests/toy_config"
 RTOL = 1e-5
 
 
-def model_dir(out: Path) -> Path:
-    """The example's model with seeded random weights in model.safetensors."""
+# Each VLM port: its processor class (the example's processor files serve every family).
+FAMILIES = {"qwen3_vl": "Qwen3VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+
+
+def model_dir(out: Path, family: str) -> Path:
+    """The example's tokenizer and processor with ``family``'s toy config (the example's
+    vocabulary and special tokens), seeded random weights in model.safetensors."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     model = out / "model"
     shutil.copytree(EXAMPLE / "model", model)
+    if family != "qwen3_vl":  # the example is a qwen3_vl
+        example = json.loads((model / "config.json").read_text())
+        config = json.loads((TOY / f"{family}_toy/config.json").read_text())
+        for key in ("image_token_id", "video_token_id", "vision_start_token_id",
+                    "vision_end_token_id"):  # fmt: skip
+            config[key] = example[key]
+        config["text_config"]["vocab_size"] = example["text_config"]["vocab_size"]
+        (model / "config.json").write_text(json.dumps(config))
+        processor = json.loads((model / "preprocessor_config.json").read_text())
+        processor["processor_class"] = FAMILIES[family]
+        (model / "preprocessor_config.json").write_text(json.dumps(processor))
     torch.manual_seed(0)
     upstream = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model))
     weights = {k: v.contiguous() for k, v in upstream.state_dict().items() if k != "lm_head.weight"}
@@ -59,12 +77,12 @@ def conversations(out: Path, images: int = 1, text_only: int = 7) -> Path:
     return data
 
 
-def train_config(out: Path, data: Path) -> Path:
+def train_config(out: Path, data: Path, family: str) -> Path:
     config = out / "train.yaml"
     config.write_text(
         yaml.safe_dump(
             {
-                "model": {"path": str(model_dir(out))},
+                "model": {"path": str(model_dir(out, family))},
                 # 44 tokens with its image, 47 without: one conversation per row
                 "data": {"path": str(data), "format": "chat", "max_seq_len": 48},
                 "train": {
@@ -88,27 +106,40 @@ def run(config: Path, out: Path, nproc: int, extra: list[str]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory) -> tuple[Path, Path, list[dict]]:
-    out = tmp_path_factory.mktemp("vlm")
-    config = train_config(out, conversations(out))
-    records = run(config, out / "single", 1, [])
-    assert sum(r["images"] for r in records) >= 2, "the image should be drawn in two epochs"
-    return config, out / "single", records
+def single_runs() -> dict:
+    return {}
 
 
-LAYOUTS = {
-    "sp2": ["--parallel.sp_size", "2"],
-    # 2 rows per rank: in the steps with the image one rank has it, the other none
-    "dp2": [],
-}
+@pytest.fixture
+def single(family, single_runs, tmp_path_factory) -> tuple[Path, Path, list[dict]]:
+    """One process's run of ``family`` (config, run directory, metrics), made once per
+    module and shared by the tests that compare with it."""
+    if family not in single_runs:
+        out = tmp_path_factory.mktemp(family)
+        config = train_config(out, conversations(out), family)
+        records = run(config, out / "single", 1, [])
+        assert sum(r["images"] for r in records) >= 2, "the image should be drawn in 2 epochs"
+        single_runs[family] = config, out / "single", records
+    return single_runs[family]
+
+
+SP2 = ["--parallel.sp_size", "2"]
+# Every VLM port under sp 2; qwen3_vl also under dp 2, 2 rows per rank: in the steps with
+# the image one rank has it, the other none.
+LAYOUTS = [
+    pytest.param(family, layout, extra, id=f"{family}-{layout}")
+    for family, layout, extra in [
+        ("qwen3_vl", "sp2", SP2), ("qwen3_vl", "dp2", []), ("qwen2_5_vl", "sp2", SP2),
+    ]
+]  # fmt: skip
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_single_process(layout, single):
+@pytest.mark.parametrize(("family", "layout", "extra"), LAYOUTS)
+def test_layout_matches_single_process(family, layout, extra, single):
     config, reference_dir, reference = single
     out = config.parent / layout
-    records = run(config, out, 2, LAYOUTS[layout])
+    records = run(config, out, 2, extra)
     for want, got in zip(reference, records, strict=True):
         for key in ("loss", "grad_norm"):
             assert got[key] == pytest.approx(want[key], rel=RTOL), (key, want, got)
@@ -119,6 +150,7 @@ def test_layout_matches_single_process(layout, single):
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_export_loads_upstream_with_processor(single):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -132,6 +164,7 @@ def test_export_loads_upstream_with_processor(single):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3_vl"])
 def test_freeze_vit_keeps_every_vision_weight(single):
     config, _, _ = single
     out = config.parent / "frozen"
