@@ -69,3 +69,44 @@ SHAPES["qwen3-moe-12l"] = {
     "output_router_logits": True,
     "router_aux_loss_coef": 0.001,
 }
+
+# Qwen3-VL-2B-Instruct's published config (text as qwen3-1.7b, interleaved 3-D mrope; a
+# 24-block vision tower with deepstack features from blocks 5, 11 and 17).
+SHAPES["qwen3-vl-2b"] = {
+    "model_type": "qwen3_vl",
+    "architectures": ["Qwen3VLForConditionalGeneration"],
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "tie_word_embeddings": True,
+    "text_config": {
+        **{k: v for k, v in QWEN3.items() if k not in ("model_type", "architectures")},
+        "model_type": "qwen3_vl_text",
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "num_hidden_layers": 28,
+        "max_position_embeddings": 262144,
+        "rope_theta": 5000000,
+        "rope_scaling": {
+            "rope_type": "default",
+            "mrope_section": [24, 20, 20],
+            "mrope_interleaved": True,
+        },
+    },
+    "vision_config": {
+        "model_type": "qwen3_vl",
+        "depth": 24,
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_heads": 16,
+        "hidden_act": "gelu_pytorch_tanh",
+        "in_channels": 3,
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "spatial_merge_size": 2,
+        "out_hidden_size": 2048,
+        "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": [5, 11, 17],
+    },
+}
