@@ -173,6 +173,20 @@ def test_generation_path_gives_upstream_logits(name):
         torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits)
 
 
+@pytest.mark.parametrize("name", params(VLM))
+def test_sequence_parallel_needs_positions(name):
+    """A slice of the row cannot give its 3-D positions: under SP a training forward
+    without them is refused, not run with positions computed from the slice."""
+    reference = upstream(name)
+    model = port(name, "eager", reference)
+    inputs = {**vlm_batch(reference.config, SINGLE).port_inputs(), "position_ids": None}
+    labels = torch.zeros_like(inputs["input_ids"])
+    for module in model.modules():
+        module.loom_sp_group = object()  # what set_sequence_parallel sets: a group of 2+
+    with pytest.raises(ValueError, match=r"under sequence parallelism .* needs position_ids"):
+        model(**inputs, shift_labels=labels)
+
+
 STEPS, LR = 20, 3e-3
 
 
