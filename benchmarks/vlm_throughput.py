@@ -18,8 +18,8 @@ Each system runs in its own process (clean CUDA memory statistics).
 
 Vision and text time are taken apart with CUDA events: the vision tower's forward (its
 forward hooks) and its backward (from the moment the last gradient of its outputs
-arrives to the end of the backward, which the tower's backward closes); text is the rest
-of the step (the optimizer step included). tokens/s counts every token of the row
+arrives to the moment its patch embedding's arrives); text is the rest of the step (the
+optimizer step and FSDP's gradient reduction included). tokens/s counts every token of the row
 (image placeholders included). ``--find-max`` doubles ``--text`` from ``--start`` with
 activation checkpointing until a step fails (each length in its own process) and reports
 the longest that trained.
@@ -87,6 +87,10 @@ class VisionTimer:
         self.marks: dict[str, object] = {}
         visual.register_forward_pre_hook(lambda *_: self.mark("forward_start"))
         visual.register_forward_hook(self._after_forward)
+        # The patch embedding is the tower's first module, so its gradient arrives last:
+        # the tower's backward ends there (before the optimizer, and before the gradient
+        # reduction FSDP runs after the whole backward).
+        visual.patch_embed.register_full_backward_pre_hook(lambda *_: self.mark("backward_end"))
 
     def mark(self, name: str) -> None:
         if self.cuda:
@@ -142,7 +146,6 @@ def hf_step(config, rows, device, ac: bool):
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model(**batch).loss
         loss.backward()
-        timer.mark("backward_end")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
@@ -150,14 +153,18 @@ def hf_step(config, rows, device, ac: bool):
     return step, timer
 
 
-def loom_step(config, rows, device, ac: bool):
+def loom_step(config, rows, device, ac: bool, compile: bool = False):
     from loom.dist.mesh import init_parallel
     from loom.models import build_model
     from loom.models.vlm_positions import mrope_positions
     from loom.trainer.config import OptimConfig
     from loom.trainer.data.packing import Vision, build_row
     from loom.trainer.optim import build_optimizer
-    from loom.trainer.parallelize import enable_activation_checkpointing, shard_model
+    from loom.trainer.parallelize import (
+        compile_decoder_layers,
+        enable_activation_checkpointing,
+        shard_model,
+    )
     from loom.trainer.train import forward_backward
 
     parallel = init_parallel()
@@ -165,6 +172,8 @@ def loom_step(config, rows, device, ac: bool):
         model = build_model(config, attn_implementation="loom_sdpa", dtype=torch.float32)
     if ac:
         enable_activation_checkpointing(model)
+    if compile:
+        compile_decoder_layers(model)
     shard_model(model, parallel)
     optimizer = build_optimizer(model, OptimConfig(lr=1e-5), device=parallel.device)
     packed = []
@@ -180,7 +189,6 @@ def loom_step(config, rows, device, ac: bool):
 
     def step():
         loss = forward_backward(model, [packed], loss_tokens, parallel)
-        timer.mark("backward_end")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
@@ -194,8 +202,10 @@ def run_one(args) -> dict:
     config = model_config(args.shape)
     config.use_cache = False
     rows = make_rows(config, args)
-    make = loom_step if args.system == "loom" else hf_step
-    step, timer = make(config, rows, device, args.ac)
+    if args.system == "loom":
+        step, timer = loom_step(config, rows, device, args.ac, args.compile)
+    else:
+        step, timer = hf_step(config, rows, device, args.ac)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     steps, vision = [], []
     for i in range(args.warmup + args.steps):
@@ -220,6 +230,7 @@ def run_one(args) -> dict:
         "text_tokens_per_row": args.text,
         "tokens_per_row": len(rows[0][0]),
         "activation_checkpointing": args.ac,
+        "compile": args.compile and args.system == "loom",
         "tokens_per_s": tokens / seconds,
         "step_s": seconds,
         "vision_s": vision_s,
@@ -262,6 +273,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=448, help="pixels per side")
     parser.add_argument("--text", type=int, default=4096, help="text tokens per row")
     parser.add_argument("--ac", action="store_true", help="activation checkpointing")
+    parser.add_argument("--compile", action="store_true", help="loom: compile the text layers")
     parser.add_argument("--find-max", action="store_true")
     parser.add_argument("--start", type=int, default=16384, help="--find-max: first length")
     parser.add_argument("--stop", type=int, default=1 << 20, help="--find-max: last length")
