@@ -26,7 +26,11 @@ RTOL = 1e-5
 
 
 # Each VLM port: its processor class (the example's processor files serve every family).
-FAMILIES = {"qwen3_vl": "Qwen3VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+FAMILIES = {
+    "qwen3_vl": "Qwen3VLProcessor",
+    "qwen2_5_vl": "Qwen2_5_VLProcessor",
+    "qwen3_vl_moe": "Qwen3VLProcessor",
+}
 
 
 def model_dir(out: Path, family: str) -> Path:
@@ -125,11 +129,15 @@ def single(family, single_runs, tmp_path_factory) -> tuple[Path, Path, list[dict
 
 SP2 = ["--parallel.sp_size", "2"]
 # Every VLM port under sp 2; qwen3_vl also under dp 2, 2 rows per rank: in the steps with
-# the image one rank has it, the other none.
+# the image one rank has it, the other none; the MoE port under ep 2 (with dp 2, the same
+# split of rows) and sp 2 x ep 2.
 LAYOUTS = [
     pytest.param(family, layout, extra, id=f"{family}-{layout}")
     for family, layout, extra in [
         ("qwen3_vl", "sp2", SP2), ("qwen3_vl", "dp2", []), ("qwen2_5_vl", "sp2", SP2),
+        # experts spread over the ranks, and over the SP group
+        ("qwen3_vl_moe", "ep2", ["--parallel.ep_size", "2"]),
+        ("qwen3_vl_moe", "sp2xep2", [*SP2, "--parallel.ep_size", "2"]),
     ]
 ]  # fmt: skip
 

@@ -53,6 +53,7 @@ class PortCase:
 
 def _is_moe(name: str) -> bool:
     config = json.loads((toy(name) / "config.json").read_text())
+    config = config.get("text_config", config)  # a VLM's experts are its text decoder's
     return any(key in config for key in ("num_experts", "num_local_experts"))
 
 

@@ -19,7 +19,7 @@ from _vlm import vlm_batch
 from transformers import AutoConfig
 
 from loom.models import build_model
-from loom.models.registry import model_class
+from loom.models.registry import model_class, model_type, port_hooks
 from loom.models.vlm_positions import mrope_positions
 
 # One sample per row, rows of equal length: what upstream takes without a padding mask.
@@ -38,8 +38,26 @@ def upstream(name: str, attn: str = "eager"):
 
 def port(name: str, backend: str, reference):
     model = build_model(TOY / f"{name}_toy", attn_implementation=backend)
-    model.load_state_dict(reference.state_dict())
+    model.load_state_dict(to_port(reference, reference.state_dict()))
     return model
+
+
+def to_port(reference, tensors: dict) -> dict:
+    """Upstream's tensors (weights or gradients: the maps are linear) in the port's layout,
+    through the port's checkpoint converter (v4's transposed stacked experts)."""
+    factory = port_hooks(model_type(reference.config)).converter
+    if factory is None:
+        return tensors
+    converter = factory(reference.config)
+    out = {}
+    for key, tensor in tensors.items():
+        out.update(converter.convert(key, tensor) if converter.can_handle(key) else {key: tensor})
+    converter.finalize()
+    return out
+
+
+def assert_port_grads_match(model, reference, rtol: float, atol: float) -> None:
+    assert_grads_match(model, reference, rtol, atol, rename=lambda t: to_port(reference, t))
 
 
 def upstream_loss(model, batch, reduction="mean") -> torch.Tensor:
@@ -72,7 +90,7 @@ def test_forward_backward_matches_upstream(name, backend, rows):
     torch.testing.assert_close(got, want, rtol=case.rtol, atol=case.atol)
     # text only: upstream never runs the vision tower (no gradient: zeros by name), the
     # port runs it on a dummy image times zero (gradient exactly zero)
-    assert_grads_match(model, reference, rtol=case.rtol, atol=case.atol)
+    assert_port_grads_match(model, reference, rtol=case.rtol, atol=case.atol)
 
 
 @pytest.mark.parametrize("name", params(VLM))
@@ -131,7 +149,7 @@ def test_packed_rows_equal_separate_samples(name, backend):
     want.backward()
     case = CASES[name]
     torch.testing.assert_close(got, want, rtol=case.rtol, atol=case.atol)
-    assert_grads_match(model, reference, rtol=case.rtol, atol=case.atol * 10)
+    assert_port_grads_match(model, reference, rtol=case.rtol, atol=case.atol * 10)
 
 
 @pytest.mark.parametrize("name", params(VLM))
@@ -187,6 +205,34 @@ def test_sequence_parallel_needs_positions(name):
         model(**inputs, shift_labels=labels)
 
 
+MOE_VLM = [name for name in VLM if CASES[name].moe]
+
+
+@pytest.mark.parametrize("name", params(MOE_VLM))
+@pytest.mark.parametrize("orientation", ["saved", "transposed"])
+def test_checkpoint_in_either_orientation_and_export(name, orientation, tmp_path):
+    """Upstream's save_pretrained (v4 and the Hub stack the experts as [E, H, 2I], v5 as
+    [E, 2I, H]), and the same file with the experts turned the other way, both load into
+    the port as upstream's weights; the port's export loads back into upstream equal."""
+    from safetensors.torch import load_file, save_file
+
+    reference = upstream(name)
+    reference.save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf/model.safetensors"
+    if orientation == "transposed":
+        tensors = load_file(weights)
+        save_file({k: v.transpose(1, 2).contiguous() if ".experts." in k else v for k, v in tensors.items()}, weights)  # fmt: skip
+    model = build_model(tmp_path / "hf", init="pretrained")
+    want = to_port(reference, reference.state_dict())
+    assert_tensors_match(model.state_dict(), want, 0.0, 0.0, what="weight")
+    export = port_hooks(model_type(model.config)).to_hf(
+        {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    )
+    save_file({k: v.contiguous() for k, v in export.items()}, weights)
+    back = type(reference).from_pretrained(tmp_path / "hf")
+    assert_tensors_match(back.state_dict(), reference.state_dict(), 0.0, 0.0, what="weight")
+
+
 STEPS, LR = 20, 3e-3
 
 
@@ -218,6 +264,6 @@ def test_trains_as_upstream(name):
         assert abs(g - w) <= 1e-6 + 1e-5 * abs(w), f"step {step}: loss {g}, upstream {w}"
     assert want[-1] < want[0] - 0.5, f"the toy should learn: {want}"
     got_params = {n: p.detach() for n, p in model.named_parameters()}
-    want_params = {n: p.detach() for n, p in reference.named_parameters()}
+    want_params = to_port(reference, {n: p.detach() for n, p in reference.named_parameters()})
     assert_tensors_match(got_params, want_params, 0.0, LR / 10, what="parameter after training")
     assert set(grads_by_name(model)) == set(want_params)

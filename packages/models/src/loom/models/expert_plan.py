@@ -24,7 +24,17 @@ EXPERT_PLAN = ParallelPlan(
 )
 
 
+# A vision-language model's text decoder (qwen3_vl_moe): the same tensors, one level down.
+VLM_EXPERT_PLAN = ParallelPlan(
+    {
+        "model.language_model.layers.*.mlp.experts.gate_up_proj": (Shard(0),),
+        "model.language_model.layers.*.mlp.experts.down_proj": (Shard(0),),
+    }
+)
+
+
 def expert_modules(model: nn.Module) -> list[nn.Module]:
     """The modules holding the routed experts (FSDP shards them over the expert mesh);
     dense layers (qwen3_moe's ``mlp_only_layers``) have none."""
-    return [layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    decoder = getattr(model.model, "language_model", model.model)
+    return [layer.mlp.experts for layer in decoder.layers if hasattr(layer.mlp, "experts")]

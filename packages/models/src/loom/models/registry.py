@@ -190,6 +190,8 @@ def build_model(
         raise ValueError(problem)
     if moe_implementation is not None:
         config._moe_implementation = moe_implementation
+        # a VLM's experts are built from its text config
+        config.get_text_config()._moe_implementation = moe_implementation
     cls, is_port = model_class(config)
     if not is_port:
         logger.warning(
