@@ -123,3 +123,48 @@ def test_loader_resumes_exactly(unit):
     if unit == "samples":
         assert all(len(b) % 2 == 0 for b in expected)
         assert all(sum(len(r.cu_seqlens) - 1 for r in b if r.loss_tokens) >= 4 for b in expected)
+
+
+def _image_sample(images: list[int], text: int = 3):
+    """ids with one run of ``n`` placeholders (token 9) per image, framed by markers 7/8;
+    each image's grid holds 4 patches per placeholder (merge 2)."""
+    from loom.trainer.data.packing import Vision
+
+    ids = []
+    for n in images:
+        ids += [1] * text + [7] + [9] * n + [8]
+    ids = np.asarray(ids + [2] * text, dtype=np.int64)
+    grids = np.asarray([[1, 2, 2 * n] for n in images], dtype=np.int64).reshape(-1, 3)
+    pixels = np.zeros((int(grids.prod(axis=1).sum()), 6), np.float32)
+    mrope = np.tile(np.arange(len(ids)), (3, 1))
+    return ids, np.full(len(ids), IGNORE_INDEX), Vision(mrope, pixels, grids)
+
+
+def test_vision_inputs_give_each_sp_rank_whole_images():
+    from loom.models.vlm import image_shards
+    from loom.trainer.data.collate import placeholder_runs, vision_inputs
+
+    rows = [build_row([_image_sample([4, 2])], 32, 0), build_row([_image_sample([2])], 32, 0)]
+    ids = np.stack([r.input_ids for r in rows])
+    assert placeholder_runs(ids == 9) == [4, 2, 2]
+    for sp in (2, 4):
+        shards = [vision_inputs(rows, 9, rank, sp)["vision_shards"]["image"] for rank in range(sp)]
+        want = image_shards([16, 8, 8], [4, 2, 2], sp)
+        assert all(s == want for s in shards)
+        # every image on exactly one rank, in order; the features add up
+        assert [i for first, end, a, b, n in want for i in range(a, b)] == [0, 1, 2]
+        assert sum(n for *_, n in want) == 8
+    assert image_shards([16, 8, 8], [4, 2, 2], 2) == [(0, 16, 0, 1, 4), (16, 32, 1, 3, 4)]
+    assert "vision_shards" not in vision_inputs(rows, 9, 0, 1)
+
+
+def test_adjacent_images_without_a_separator_are_refused():
+    from loom.trainer.data.collate import vision_inputs
+
+    ids, labels, vision = _image_sample([2, 2], text=0)
+    ids = ids[ids != 8]
+    ids = ids[ids != 7]  # the two runs of placeholders touch: one run for two images
+    vision.mrope = vision.mrope[:, : len(ids)]
+    row = build_row([(ids, labels[: len(ids)], vision)], 16, 0)
+    with pytest.raises(ValueError, match="1 runs of image placeholders but 2 images"):
+        vision_inputs([row], 9, 0, 2)

@@ -9,18 +9,31 @@ hands the text decoder's attention keywords (``cu_seq_lens_q``) to the vision to
 and a rank with no image would skip the vision tower, whose FSDP collectives the other
 ranks then wait on forever.
 
-Under sequence parallelism every rank of the group runs the vision tower on all of the
-micro-batch's patches (the group holds the same rows) and keeps the features of the
-placeholders in its slice (``vision_slices``: their indices, computed on the host by
-the trainer, so the forward never waits on the device to count placeholders).
+Under sequence parallelism the ranks of the group hold the same rows: each runs the vision
+tower on its share of the micro-batch's images (``vision_shards``: contiguous runs of
+whole images balanced by patch count, so attention, which stays within an image or its
+windows, needs nothing from another rank), the features of all images are gathered, and
+each rank keeps those of the placeholders in its slice (``vision_slices``). Both are
+computed on the host by the trainer, so the forward never waits on the device to count
+placeholders. Without ``vision_shards`` every rank runs the tower on every image.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from loom.dist.ulysses import gather_outputs
 from loom.models.attention import sequence_parallel_group
+
+# Per SP rank: (first patch, end patch, first image, end image, features) of its images.
+Shard = tuple[int, int, int, int, int]
 
 MODALITIES = ("image", "video")
 
@@ -49,6 +62,43 @@ def dummy_vision_input(visual) -> tuple[torch.Tensor, torch.Tensor]:
     return pixels, grid
 
 
+def image_shards(patches: Sequence[int], features: Sequence[int], sp_size: int) -> list[Shard]:
+    """Contiguous runs of whole images, one per SP rank, each ending at the image boundary
+    nearest its equal share of the patches (a rank may get none)."""
+    cum = np.cumsum([0, *patches])
+    feature_cum = np.cumsum([0, *features])
+    bounds = [0]
+    for rank in range(1, sp_size):
+        nearest = int(np.argmin(np.abs(cum - cum[-1] * rank / sp_size)))
+        bounds.append(max(nearest, bounds[-1]))
+    bounds.append(len(patches))
+    return [
+        (int(cum[a]), int(cum[b]), a, b, int(feature_cum[b] - feature_cum[a]))
+        for a, b in itertools.pairwise(bounds)
+    ]
+
+
+def sharded_vision_features(visual, pixels, grid_thw, shards: list[Shard], group):
+    """The features of every image, each computed by the SP rank whose shard holds it. A
+    rank with no image runs the tower on a dummy image times zero (FSDP's collectives
+    stay matched). The gather's backward sums every rank's gradient into the owner's."""
+    first, end, image, image_end, _ = shards[dist.get_rank(group)]
+    if image_end > image:
+        local, deep = vision_features(visual, pixels[first:end], grid_thw[image:image_end])
+    else:
+        dummy, dummy_deep = vision_features(visual, *dummy_vision_input(visual))
+        zero = 0.0 * sum(t.sum() for t in (dummy, *dummy_deep))
+        local, deep = dummy[:0] + zero, [t[:0] + zero for t in dummy_deep]
+    counts = [shard[4] for shard in shards]
+    longest = max(counts)
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        full = gather_outputs(F.pad(t, (0, 0, 0, longest - t.shape[0])), 0, group)
+        return torch.cat([full.narrow(0, r * longest, n) for r, n in enumerate(counts)])
+
+    return gather(local), [gather(t) for t in deep]
+
+
 def has_deepstack(model) -> bool:
     return bool(getattr(model.visual, "deepstack_visual_indexes", None))
 
@@ -62,13 +112,15 @@ def vlm_model_forward(
     pixel_values_videos: torch.Tensor | None = None,
     video_grid_thw: torch.Tensor | None = None,
     vision_slices: dict[str, torch.Tensor] | None = None,
+    vision_shards: dict[str, list[Shard]] | None = None,
     **kwargs,
 ) -> BaseModelOutputWithPast:
     """``model``: the ``<Prefix>Model`` (``visual`` + ``language_model``). ``input_ids``
     [batch, seq]: this rank's slice; ``position_ids`` [4, batch, seq] (text positions, then
     the three rotary axes) or [3, batch, seq], sliced alike; pixels and grids: the whole
     micro-batch's. ``vision_slices[modality]``: the indices of the micro-batch's features
-    that fill this slice's placeholders, in order (all of them when absent)."""
+    that fill this slice's placeholders, in order (all of them when absent);
+    ``vision_shards[modality]``: under SP, which images each rank's tower runs on."""
     config = model.config
     kwargs.pop("second_per_grid_ts", None)  # video timing: in the positions already
     embeds = model.get_input_embeddings()(input_ids)
@@ -82,7 +134,12 @@ def vlm_model_forward(
         if pixels is None:
             continue
         mask = input_ids == getattr(config, f"{modality}_token_id")
-        features, deep = vision_features(model.visual, pixels, grid)
+        shards = (vision_shards or {}).get(modality)
+        group = sequence_parallel_group(model)
+        if shards and group is not None:
+            features, deep = sharded_vision_features(model.visual, pixels, grid, shards, group)
+        else:
+            features, deep = vision_features(model.visual, pixels, grid)
         index = (vision_slices or {}).get(modality)
         if index is None:
             if int(mask.sum()) != features.shape[0]:

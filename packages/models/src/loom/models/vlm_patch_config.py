@@ -22,8 +22,9 @@ from loom.patchgen import PatchConfig, create_patch_from_external
 # ================================================================
 # Patch: <Prefix>ForConditionalGeneration.forward
 # 1. training (labels or shift_labels, position ids given): Loom's multimodal forward —
-#    the vision tower on the micro-batch's patches (a dummy image when there are none),
-#    features into this rank's placeholders, text decoder with Loom's attention
+#    the vision tower on the micro-batch's patches (under SP each rank on its share of
+#    the images, vision_shards; a dummy image when it has none), features into this
+#    rank's placeholders, text decoder with Loom's attention
 #    (loom.models.vlm.vlm_model_forward); otherwise upstream's model forward
 # 2. the loss is a fused linear cross-entropy over the hidden states (no full logits),
 #    as in the text ports (loom.models.loss.loss_or_logits)
@@ -56,6 +57,7 @@ def vlm_causal_lm_forward_v5(
     shift_labels = kwargs.pop("shift_labels", None)
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     vision_slices = kwargs.pop("vision_slices", None)
+    vision_shards = kwargs.pop("vision_shards", None)
     check_positions(self, position_ids)
     training = labels is not None or shift_labels is not None
     if training and position_ids is not None and inputs_embeds is None and past_key_values is None:
@@ -68,6 +70,7 @@ def vlm_causal_lm_forward_v5(
             pixel_values_videos=pixel_values_videos,
             video_grid_thw=video_grid_thw,
             vision_slices=vision_slices,
+            vision_shards=vision_shards,
             attention_mask=attention_mask,
             **kwargs,
         )
@@ -104,8 +107,9 @@ def vlm_causal_lm_forward_v5(
 # ================================================================
 # Patch: <Prefix>ForConditionalGeneration.forward
 # 1. training (labels or shift_labels, position ids given): Loom's multimodal forward —
-#    the vision tower on the micro-batch's patches (a dummy image when there are none),
-#    features into this rank's placeholders, text decoder with Loom's attention
+#    the vision tower on the micro-batch's patches (under SP each rank on its share of
+#    the images, vision_shards; a dummy image when it has none), features into this
+#    rank's placeholders, text decoder with Loom's attention
 #    (loom.models.vlm.vlm_model_forward); otherwise upstream's model forward
 # 2. the loss is a fused linear cross-entropy over the hidden states (no full logits),
 #    as in the text ports (loom.models.loss.loss_or_logits)
@@ -138,6 +142,7 @@ def vlm_causal_lm_forward_v4(
     shift_labels = kwargs.pop("shift_labels", None)
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     vision_slices = kwargs.pop("vision_slices", None)
+    vision_shards = kwargs.pop("vision_shards", None)
     check_positions(self, position_ids)
     training = labels is not None or shift_labels is not None
     if training and position_ids is not None and inputs_embeds is None and past_key_values is None:
@@ -150,6 +155,7 @@ def vlm_causal_lm_forward_v4(
             pixel_values_videos=pixel_values_videos,
             video_grid_thw=video_grid_thw,
             vision_slices=vision_slices,
+            vision_shards=vision_shards,
             attention_mask=attention_mask,
             **kwargs,
         )

@@ -37,7 +37,7 @@ def rank_share(rows: list[Row], dp_rank: int, dp_size: int, micro: int) -> list[
 
 
 VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-VISION_KEYS = ("pixel_values", "image_grid_thw", "vision_slices")
+VISION_KEYS = ("pixel_values", "image_grid_thw", "vision_slices", "vision_shards")
 
 
 def varlen_kwargs(cu_seqlens: torch.Tensor, longest: int) -> dict:

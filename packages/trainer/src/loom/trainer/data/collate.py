@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from loom.models.vlm import image_shards
 from loom.trainer.data.packing import Row
 
 
@@ -24,10 +25,10 @@ def stack_rows(rows: list[Row]) -> dict[str, torch.Tensor]:
 
 
 def vision_inputs(rows: list[Row], image_token_id: int, sp_rank: int, sp_size: int) -> dict:
-    """The micro-batch's patches and grids (whole: every SP rank runs the vision tower on
-    all of them), and ``vision_index``: which of their features fill the image
-    placeholders of this rank's slice of the rows, in the slice's order. Empty dict for
-    rows without images."""
+    """The micro-batch's patches and grids (whole, on every SP rank); ``vision_slices``:
+    which of their features fill the image placeholders of this rank's slice of the rows,
+    in the slice's order; under SP, ``vision_shards``: which images each rank's vision
+    tower runs on (``loom.models.vlm.image_shards``). Empty dict for rows without images."""
     with_images = [r.vision for r in rows if len(r.vision.image_grid_thw)]
     if not with_images:
         return {}
@@ -37,11 +38,29 @@ def vision_inputs(rows: list[Row], image_token_id: int, sp_rank: int, sp_size: i
     width = ids.shape[1] // sp_size
     part = slice(sp_rank * width, (sp_rank + 1) * width)
     index = order[:, part][is_image[:, part]]
-    return {
+    grids = np.concatenate([v.image_grid_thw for v in with_images])
+    out = {
         "pixel_values": torch.from_numpy(np.concatenate([v.pixel_values for v in with_images])),
-        "image_grid_thw": torch.from_numpy(np.concatenate([v.image_grid_thw for v in with_images])),
+        "image_grid_thw": torch.from_numpy(grids),
         "vision_slices": {"image": torch.from_numpy(index.astype(np.int64))},
     }
+    if sp_size > 1:
+        features = placeholder_runs(is_image)
+        if len(features) != len(grids):
+            raise ValueError(
+                f"{len(features)} runs of image placeholders but {len(grids)} images in the "
+                "micro-batch: images must be separated by other tokens"
+            )
+        patches = grids.prod(axis=1).tolist()
+        out["vision_shards"] = {"image": image_shards(patches, features, sp_size)}
+    return out
+
+
+def placeholder_runs(is_image: np.ndarray) -> list[int]:
+    """The length of each run of placeholders, rows in order (one run per image)."""
+    padded = np.pad(is_image, ((0, 0), (1, 1))).reshape(-1).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    return (edges[1::2] - edges[::2]).tolist()
 
 
 def boundaries(rows: list[Row]) -> tuple[torch.Tensor, int]:

@@ -1,0 +1,84 @@
+"""Vision-language ports under sequence parallelism (CPU gloo, sp 2 and 4): on rows with
+several images of different sizes, each port's loss and every parameter's gradient equal
+one process's, whether every rank runs the vision tower on all images or each on its
+share of whole images (``loom.models.vlm.image_shards``; at sp 4 one rank has none and
+runs the dummy image); with shards, each rank's tower sees only its share's patches."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from _ports import TOY, VLM, sp_params
+from _vlm import vlm_batch
+
+from loom.dist.testing import run_distributed
+from loom.dist.ulysses import slice_input
+from loom.models import build_model
+from loom.models.attention import set_sequence_parallel
+from loom.models.vlm import image_shards
+
+# Three images of 16, 8 and 8 patches over two rows; rows padded to a multiple of 4.
+ROWS = (([(1, 4, 4), (1, 2, 4)],), ([(1, 4, 2)], []))
+PAD_TO = 64
+
+
+def _loss_and_grads(name: str, shard: bool) -> tuple[float, dict, list[int]]:
+    torch.manual_seed(0)
+    model = build_model(TOY / f"{name}_toy", attn_implementation="loom_sdpa")
+    group = dist.group.WORLD if dist.get_world_size() > 1 else None
+    set_sequence_parallel(model, group)
+    config = model.config
+    batch = vlm_batch(config, ROWS, pad_to=PAD_TO)
+    seen = []  # the patches this rank's vision tower ran on, per call
+    model.model.visual.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    ends = torch.tensor([n for row in batch.lengths for n in row]).cumsum(0)
+    cu = torch.cat([torch.zeros(1), ends]).to(torch.int32)
+    longest = max(max(row) for row in batch.lengths)
+    kwargs = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest,
+              "max_length_k": longest}  # fmt: skip
+    ids, labels, positions = batch.input_ids, batch.labels, batch.position_ids
+    if group is not None:
+        sp, rank = dist.get_world_size(), dist.get_rank()
+        is_image = ids == config.image_token_id
+        order = is_image.reshape(-1).cumsum(0).reshape(ids.shape) - 1
+        part = slice(rank * PAD_TO // sp, (rank + 1) * PAD_TO // sp)
+        kwargs["vision_slices"] = {"image": order[:, part][is_image[:, part]]}
+        if shard:
+            patches = batch.image_grid_thw.prod(-1).tolist()
+            merge = config.vision_config.spatial_merge_size
+            features = [p // merge**2 for p in patches]
+            kwargs["vision_shards"] = {"image": image_shards(patches, features, sp)}
+        ids, labels = (slice_input(t, 1, group) for t in (ids, labels))
+        positions = slice_input(positions, 2, group)
+    out = model(
+        input_ids=ids, position_ids=positions, pixel_values=batch.pixel_values,
+        image_grid_thw=batch.image_grid_thw, shift_labels=labels, num_items_in_batch=1,
+        **kwargs,
+    )  # fmt: skip
+    out.loss.backward()
+    loss = out.loss.detach()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    if group is not None:  # each rank's loss covers its slice: the total is the sum
+        dist.all_reduce(loss)
+        for g in grads.values():
+            dist.all_reduce(g)
+    return loss.item(), grads, seen
+
+
+@pytest.mark.parametrize("shard", [True, False], ids=["shards", "whole"])
+@pytest.mark.parametrize(("name", "sp"), sp_params(VLM, (2, 4)))
+def test_vlm_sp_matches_single_process(name, sp, shard):
+    want_loss, want_grads, _ = run_distributed(_loss_and_grads, 1, name, False)[0]
+    results = run_distributed(_loss_and_grads, sp, name, shard)
+    for loss, grads, _ in results:
+        assert loss == pytest.approx(want_loss, rel=1e-5)
+        for key, want in want_grads.items():
+            # fp32; the vision tower's GEMMs on fewer patches sum in another order
+            # (seen: 3e-6 on gradients up to 7)
+            torch.testing.assert_close(grads[key], want, rtol=1e-5, atol=1e-5, msg=key)
+    seen = [s for _, _, s in results]
+    if not shard:
+        assert all(s == [32] for s in seen), seen  # every rank: all 32 patches
+    else:
+        shards = image_shards([16, 8, 8], [4, 2, 2], sp)
+        merge_square = 4  # the dummy image: merge x merge patches
+        assert seen == [[end - first or merge_square] for first, end, *_ in shards], seen
