@@ -22,6 +22,16 @@ def grads_by_name(model: nn.Module) -> Tensors:
     }
 
 
+def convert_all(converter, tensors: Tensors) -> Tensors:
+    """HF state dict -> Loom's: the converter's keys converted, the others as they are."""
+    out = {k: v for k, v in tensors.items() if not converter.can_handle(k)}
+    for key, tensor in tensors.items():
+        if converter.can_handle(key):
+            out.update(converter.convert(key, tensor))
+    converter.finalize()
+    return out
+
+
 def assert_tensors_match(
     got: Tensors, want: Tensors, rtol: float, atol: float, what: str = "gradient"
 ) -> None:

@@ -29,7 +29,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import transformers
-from _grads import assert_grads_match
+from _grads import assert_grads_match, convert_all
 from _ports import MOE, TOY, params
 from safetensors.torch import load_file, save_file
 from test_models_patch import packed_batch
@@ -252,16 +252,6 @@ def hf_expert_tensors(case: MoeCase, layer: int = 0, dtype=torch.float32):
         out[f"{prefix}.{e}.{up}.weight"] = torch.randn(case.inter, case.hidden, generator=gen)
         out[f"{prefix}.{e}.{down}.weight"] = torch.randn(case.hidden, case.inter, generator=gen)
     return {k: v.to(dtype) for k, v in out.items()}
-
-
-def convert_all(converter, tensors):
-    """HF state dict -> Loom's: the converter's keys converted, the others as they are."""
-    out = {k: v for k, v in tensors.items() if not converter.can_handle(k)}
-    for key, tensor in tensors.items():
-        if converter.can_handle(key):
-            out.update(converter.convert(key, tensor))
-    converter.finalize()
-    return out
 
 
 @pytest.mark.parametrize("name", MODELS)

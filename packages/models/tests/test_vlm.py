@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _grads import assert_grads_match, assert_tensors_match, grads_by_name
+from _grads import assert_grads_match, assert_tensors_match, convert_all, grads_by_name
 from _ports import CASES, MAJOR, TOY, VLM, backend_params, params
 from _vlm import vlm_batch
 from transformers import AutoConfig
@@ -46,14 +46,7 @@ def to_port(reference, tensors: dict) -> dict:
     """Upstream's tensors (weights or gradients: the maps are linear) in the port's layout,
     through the port's checkpoint converter (v4's transposed stacked experts)."""
     factory = port_hooks(model_type(reference.config)).converter
-    if factory is None:
-        return tensors
-    converter = factory(reference.config)
-    out = {}
-    for key, tensor in tensors.items():
-        out.update(converter.convert(key, tensor) if converter.can_handle(key) else {key: tensor})
-    converter.finalize()
-    return out
+    return tensors if factory is None else convert_all(factory(reference.config), tensors)
 
 
 def assert_port_grads_match(model, reference, rtol: float, atol: float) -> None:

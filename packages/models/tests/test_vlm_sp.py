@@ -72,9 +72,10 @@ def test_vlm_sp_matches_single_process(name, sp, shard):
     for loss, grads, _ in results:
         assert loss == pytest.approx(want_loss, rel=1e-5)
         for key, want in want_grads.items():
-            # fp32; the vision tower's GEMMs on fewer patches sum in another order
-            # (seen: 3e-6 on gradients up to 7)
-            torch.testing.assert_close(grads[key], want, rtol=1e-5, atol=1e-5, msg=key)
+            # fp32; with shards the vision tower's GEMMs on fewer patches sum in another
+            # order (seen: 3e-6 on gradients up to 7)
+            atol = 1e-5 if shard else 1e-6
+            torch.testing.assert_close(grads[key], want, rtol=1e-5, atol=atol, msg=key)
     seen = [s for _, _, s in results]
     if not shard:
         assert all(s == [32] for s in seen), seen  # every rank: all 32 patches

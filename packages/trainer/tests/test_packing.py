@@ -142,11 +142,12 @@ def _image_sample(images: list[int], text: int = 3):
 
 def test_vision_inputs_give_each_sp_rank_whole_images():
     from loom.models.vlm import image_shards
-    from loom.trainer.data.collate import placeholder_runs, vision_inputs
+    from loom.models.vlm_positions import token_runs
+    from loom.trainer.data.collate import vision_inputs
 
     rows = [build_row([_image_sample([4, 2])], 32, 0), build_row([_image_sample([2])], 32, 0)]
     ids = np.stack([r.input_ids for r in rows])
-    assert placeholder_runs(ids == 9) == [4, 2, 2]
+    assert [end - start for start, end in token_runs(ids.reshape(-1), 9)] == [4, 2, 2]
     for sp in (2, 4):
         shards = [vision_inputs(rows, 9, rank, sp)["vision_shards"]["image"] for rank in range(sp)]
         want = image_shards([16, 8, 8], [4, 2, 2], sp)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def _runs(ids: np.ndarray, token_id: int) -> list[tuple[int, int]]:
+def token_runs(ids: np.ndarray, token_id: int) -> list[tuple[int, int]]:
     """(start, end) of each maximal run of ``token_id``."""
     hit = np.concatenate([[False], ids == token_id, [False]])
     edges = np.flatnonzero(hit[1:] != hit[:-1])
@@ -43,7 +43,7 @@ def mrope_positions(
         (image_token_id, image_grid_thw, False),
         (video_token_id, video_grid_thw, True),
     ):
-        runs = _runs(ids, token_id)
+        runs = token_runs(ids, token_id)
         items = [] if grid_thw is None else [tuple(int(x) for x in g) for g in grid_thw]
         scales = [1.0] * len(items)
         if is_video and video_temporal_scale is None:  # one run per frame

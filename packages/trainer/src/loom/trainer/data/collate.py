@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from loom.models.vlm import image_shards
+from loom.models.vlm_positions import token_runs
 from loom.trainer.data.packing import Row
 
 
@@ -45,7 +46,7 @@ def vision_inputs(rows: list[Row], image_token_id: int, sp_rank: int, sp_size: i
         "vision_slices": {"image": torch.from_numpy(index.astype(np.int64))},
     }
     if sp_size > 1:
-        features = placeholder_runs(is_image)
+        features = [end - start for start, end in token_runs(ids.reshape(-1), image_token_id)]
         if len(features) != len(grids):
             raise ValueError(
                 f"{len(features)} runs of image placeholders but {len(grids)} images in the "
@@ -54,13 +55,6 @@ def vision_inputs(rows: list[Row], image_token_id: int, sp_rank: int, sp_size: i
         patches = grids.prod(axis=1).tolist()
         out["vision_shards"] = {"image": image_shards(patches, features, sp_size)}
     return out
-
-
-def placeholder_runs(is_image: np.ndarray) -> list[int]:
-    """The length of each run of placeholders, rows in order (one run per image)."""
-    padded = np.pad(is_image, ((0, 0), (1, 1))).reshape(-1).astype(np.int8)
-    edges = np.flatnonzero(np.diff(padded))
-    return (edges[1::2] - edges[::2]).tolist()
 
 
 def boundaries(rows: list[Row]) -> tuple[torch.Tensor, int]:
