@@ -35,13 +35,15 @@ QUESTIONS = {
     "color": ["What color is the square?", "Which color do you see?", "Name the square's color."],
     "side": ["Is the square on the left or the right?", "Where is the square?"],
 }
-# Qwen's chat format; an image part renders as one placeholder between vision markers.
+# Qwen's chat format; an image or video part renders as one placeholder between vision
+# markers (the processor expands it).
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{ '<|im_start|>' + message.role + '\\n' }}"
     "{%- if message.content is string -%}{{ message.content }}"
     "{%- else -%}{%- for part in message.content -%}"
     "{%- if part.type == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part.type == 'video' -%}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
     "{%- elif part.type == 'text' -%}{{ part.text }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{{ '<|im_end|>\\n' }}"
@@ -180,6 +182,14 @@ PREPROCESSOR = {
     "image_std": [0.5, 0.5, 0.5],
     "do_convert_rgb": True,
 }
+# Videos come as frames already sampled (a folder or a list of images); the processor
+# keeps every frame and takes their rate from the record (``fps``) or this default.
+VIDEO_PREPROCESSOR = {
+    **{k: v for k, v in PREPROCESSOR.items() if k != "image_processor_type"},
+    "video_processor_type": "Qwen3VLVideoProcessor",
+    "do_sample_frames": False,
+    "fps": 2,
+}
 
 
 def write_model(texts: list[str], out: Path, vocab_size: int) -> None:
@@ -197,6 +207,8 @@ def write_model(texts: list[str], out: Path, vocab_size: int) -> None:
     (out / "chat_template.jinja").unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(model_config(vocab_size, tokenizer), indent=2) + "\n")  # fmt: skip
     (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2) + "\n")
+    video = json.dumps(VIDEO_PREPROCESSOR, indent=2) + "\n"
+    (out / "video_preprocessor_config.json").write_text(video)
 
 
 def main() -> None:

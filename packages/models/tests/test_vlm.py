@@ -1,6 +1,6 @@
 """Loom's vision-language ports compute what upstream HF computes (CPU, fp32).
 
-Image+text and text-only batches, every attention backend: the loss and every
+Image+text, image+video+text and text-only batches, every attention backend: the loss and every
 parameter's gradient, by name, against upstream eager. Packed rows (several samples
 with their images in one row) against each sample alone. The 3-D rotary positions of
 ``loom.models.vlm_positions`` against upstream's ``get_rope_index``. 20 AdamW steps
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from _grads import assert_grads_match, assert_tensors_match, convert_all, grads_by_name
 from _ports import CASES, MAJOR, TOY, VLM, backend_params, params
-from _vlm import vlm_batch
+from _vlm import Video, token_types, vlm_batch
 from transformers import AutoConfig
 
 from loom.models import build_model
@@ -25,6 +25,8 @@ from loom.models.vlm_positions import mrope_positions
 # One sample per row, rows of equal length: what upstream takes without a padding mask.
 SINGLE = (([(1, 4, 4), (1, 2, 4)],), ([(1, 2, 4), (1, 4, 4)],))
 TEXT_ONLY = (([],), ([],))
+# Images and videos of 2 temporal patches, in either order.
+VIDEOS = (([(1, 4, 4), Video(2, 2, 4)],), ([Video(2, 2, 4), (1, 4, 4)],))
 
 
 def upstream(name: str, attn: str = "eager"):
@@ -54,9 +56,7 @@ def assert_port_grads_match(model, reference, rtol: float, atol: float) -> None:
 
 
 def upstream_loss(model, batch, reduction="mean") -> torch.Tensor:
-    inputs = batch.upstream_inputs(model.config)
-    if inputs["pixel_values"] is None:
-        inputs = {k: v for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")}
+    inputs = {k: v for k, v in batch.upstream_inputs(model.config).items() if v is not None}
     logits = model(**inputs).logits
     return F.cross_entropy(
         logits.flatten(0, 1), batch.labels.flatten(), ignore_index=-100, reduction=reduction
@@ -70,7 +70,7 @@ def port_loss(model, batch, num_items=None) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("name", "backend"), backend_params(VLM))
-@pytest.mark.parametrize("rows", [SINGLE, TEXT_ONLY], ids=["images", "text_only"])
+@pytest.mark.parametrize("rows", [SINGLE, VIDEOS, TEXT_ONLY], ids=["images", "videos", "text_only"])
 def test_forward_backward_matches_upstream(name, backend, rows):
     reference = upstream(name)
     model = port(name, backend, reference)
@@ -146,15 +146,23 @@ def test_packed_rows_equal_separate_samples(name, backend):
 
 
 @pytest.mark.parametrize("name", params(VLM))
-def test_positions_match_upstream_rope_index(name):
-    """Several images per sample, of different grids, text between and after them."""
+@pytest.mark.parametrize("rows", [SINGLE, VIDEOS], ids=["images", "videos"])
+def test_positions_match_upstream_rope_index(name, rows):
+    """Several images (and videos) per sample, of different grids, text between and after
+    them."""
     reference = upstream(name)
     config = reference.config
-    batch = vlm_batch(config, SINGLE)
+    batch = vlm_batch(config, rows)
     assert not any(len(lengths) > 1 for lengths in batch.lengths)  # no padding
-    kwargs = {"mm_token_type_ids": (batch.input_ids == config.image_token_id).int()}
+    kwargs = {
+        k: v
+        for k, v in batch.upstream_inputs(config).items()
+        if k in ("video_grid_thw", "second_per_grid_ts") and v is not None
+    }
+    if MAJOR >= 5:
+        kwargs["mm_token_type_ids"] = token_types(batch.input_ids, config)
     want, _ = reference.model.get_rope_index(
-        batch.input_ids, image_grid_thw=batch.image_grid_thw, **(kwargs if MAJOR >= 5 else {})
+        batch.input_ids, image_grid_thw=batch.image_grid_thw, **kwargs
     )
     torch.testing.assert_close(batch.position_ids[1:], want, rtol=0, atol=0)
 

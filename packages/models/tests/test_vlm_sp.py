@@ -1,14 +1,15 @@
 """Vision-language ports under sequence parallelism (CPU gloo, sp 2 and 4): on rows with
-several images of different sizes, each port's loss and every parameter's gradient equal
-one process's, whether every rank runs the vision tower on all images or each on its
-share of whole images (``loom.models.vlm.image_shards``; at sp 4 one rank has none and
-runs the dummy image); with shards, each rank's tower sees only its share's patches."""
+several images of different sizes and a video, each port's loss and every parameter's
+gradient equal one process's, whether every rank runs the vision tower on all images and
+videos or each on its share of whole items (``loom.models.vlm.image_shards``, images then
+videos; at sp 4 one rank has none and runs the dummy image); with shards, each rank's
+tower sees only its share's patches, in one call."""
 
 import pytest
 import torch
 import torch.distributed as dist
 from _ports import TOY, VLM, sp_params
-from _vlm import vlm_batch
+from _vlm import Video, vlm_batch
 
 from loom.dist.testing import run_distributed
 from loom.dist.ulysses import slice_input
@@ -16,8 +17,10 @@ from loom.models import build_model
 from loom.models.attention import set_sequence_parallel
 from loom.models.vlm import image_shards
 
-# Three images of 16, 8 and 8 patches over two rows; rows padded to a multiple of 4.
-ROWS = (([(1, 4, 4), (1, 2, 4)],), ([(1, 4, 2)], []))
+# Three images of 16, 8 and 8 patches and a video of 2 x 8 over two rows; rows padded to
+# a multiple of 4.
+ROWS = (([(1, 4, 4), (1, 2, 4)],), ([(1, 4, 2)], [Video(2, 2, 4)]))
+PATCHES, FEATURES = [16, 8, 8, 16], [4, 2, 2, 4]
 PAD_TO = 64
 
 
@@ -38,20 +41,22 @@ def _loss_and_grads(name: str, shard: bool) -> tuple[float, dict, list[int]]:
     ids, labels, positions = batch.input_ids, batch.labels, batch.position_ids
     if group is not None:
         sp, rank = dist.get_world_size(), dist.get_rank()
-        is_image = ids == config.image_token_id
-        order = is_image.reshape(-1).cumsum(0).reshape(ids.shape) - 1
         part = slice(rank * PAD_TO // sp, (rank + 1) * PAD_TO // sp)
-        kwargs["vision_slices"] = {"image": order[:, part][is_image[:, part]]}
+        slices, offset = {}, 0  # indices into the joint features: images, then videos
+        for modality in ("image", "video"):
+            is_token = ids == getattr(config, f"{modality}_token_id")
+            order = is_token.reshape(-1).cumsum(0).reshape(ids.shape) - 1 + offset
+            slices[modality] = order[:, part][is_token[:, part]]
+            offset += int(is_token.sum())
+        kwargs["vision_slices"] = slices
         if shard:
-            patches = batch.image_grid_thw.prod(-1).tolist()
-            merge = config.vision_config.spatial_merge_size
-            features = [p // merge**2 for p in patches]
-            kwargs["vision_shards"] = {"image": image_shards(patches, features, sp)}
+            kwargs["vision_shards"] = image_shards(PATCHES, FEATURES, sp)
         ids, labels = (slice_input(t, 1, group) for t in (ids, labels))
         positions = slice_input(positions, 2, group)
     out = model(
         input_ids=ids, position_ids=positions, pixel_values=batch.pixel_values,
-        image_grid_thw=batch.image_grid_thw, shift_labels=labels, num_items_in_batch=1,
+        image_grid_thw=batch.image_grid_thw, pixel_values_videos=batch.pixel_values_videos,
+        video_grid_thw=batch.video_grid_thw, shift_labels=labels, num_items_in_batch=1,
         **kwargs,
     )  # fmt: skip
     out.loss.backward()
@@ -78,8 +83,8 @@ def test_vlm_sp_matches_single_process(name, sp, shard):
             torch.testing.assert_close(grads[key], want, rtol=1e-5, atol=atol, msg=key)
     seen = [s for _, _, s in results]
     if not shard:
-        assert all(s == [32] for s in seen), seen  # every rank: all 32 patches
+        assert all(s == [sum(PATCHES)] for s in seen), seen  # every rank: all patches
     else:
-        shards = image_shards([16, 8, 8], [4, 2, 2], sp)
+        shards = image_shards(PATCHES, FEATURES, sp)
         merge_square = 4  # the dummy image: merge x merge patches
         assert seen == [[end - first or merge_square] for first, end, *_ in shards], seen

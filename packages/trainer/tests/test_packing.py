@@ -2,10 +2,11 @@ import datasets
 import numpy as np
 import pytest
 
-from loom.trainer.data.collate import boundaries, stack_rows
+from loom.models.vlm import image_shards
+from loom.trainer.data.collate import VisionTokens, boundaries, stack_rows
 from loom.trainer.data.loader import BatchLoader
 from loom.trainer.data.mixture import Mixture
-from loom.trainer.data.packing import build_row, pack_greedy
+from loom.trainer.data.packing import Vision, build_row, pack_greedy
 from loom.trainer.data.samples import IGNORE_INDEX, shift_labels
 
 
@@ -125,11 +126,12 @@ def test_loader_resumes_exactly(unit):
         assert all(sum(len(r.cu_seqlens) - 1 for r in b if r.loss_tokens) >= 4 for b in expected)
 
 
+TOKENS = VisionTokens(image=9, video=5, merge=2)
+
+
 def _image_sample(images: list[int], text: int = 3):
     """ids with one run of ``n`` placeholders (token 9) per image, framed by markers 7/8;
     each image's grid holds 4 patches per placeholder (merge 2)."""
-    from loom.trainer.data.packing import Vision
-
     ids = []
     for n in images:
         ids += [1] * text + [7] + [9] * n + [8]
@@ -141,7 +143,6 @@ def _image_sample(images: list[int], text: int = 3):
 
 
 def test_vision_inputs_give_each_sp_rank_whole_images():
-    from loom.models.vlm import image_shards
     from loom.models.vlm_positions import token_runs
     from loom.trainer.data.collate import vision_inputs
 
@@ -149,23 +150,50 @@ def test_vision_inputs_give_each_sp_rank_whole_images():
     ids = np.stack([r.input_ids for r in rows])
     assert [end - start for start, end in token_runs(ids.reshape(-1), 9)] == [4, 2, 2]
     for sp in (2, 4):
-        shards = [vision_inputs(rows, 9, rank, sp)["vision_shards"]["image"] for rank in range(sp)]
+        shards = [vision_inputs(rows, TOKENS, rank, sp)["vision_shards"] for rank in range(sp)]
         want = image_shards([16, 8, 8], [4, 2, 2], sp)
         assert all(s == want for s in shards)
         # every image on exactly one rank, in order; the features add up
         assert [i for first, end, a, b, n in want for i in range(a, b)] == [0, 1, 2]
         assert sum(n for *_, n in want) == 8
     assert image_shards([16, 8, 8], [4, 2, 2], 2) == [(0, 16, 0, 1, 4), (16, 32, 1, 3, 4)]
-    assert "vision_shards" not in vision_inputs(rows, 9, 0, 1)
+    assert "vision_shards" not in vision_inputs(rows, TOKENS, 0, 1)
 
 
-def test_adjacent_images_without_a_separator_are_refused():
+def test_vision_inputs_index_images_then_videos():
+    """A row with an image and a video, another with a video: the tower's joint features
+    are the images', then the videos'; each SP rank's slices index them in its slice's
+    order, and its shard of whole items covers images and videos alike."""
     from loom.trainer.data.collate import vision_inputs
 
-    ids, labels, vision = _image_sample([2, 2], text=0)
-    ids = ids[ids != 8]
-    ids = ids[ids != 7]  # the two runs of placeholders touch: one run for two images
-    vision.mrope = vision.mrope[:, : len(ids)]
-    row = build_row([(ids, labels[: len(ids)], vision)], 16, 0)
-    with pytest.raises(ValueError, match="1 runs of image placeholders but 2 images"):
-        vision_inputs([row], 9, 0, 2)
+    image = _image_sample([2], text=2)  # 2 features
+    video = _image_sample([4], text=2)  # 4 features, as a video
+    ids = np.where(video[0] == 9, 5, video[0])
+    moved = Vision(video[2].mrope, np.zeros((0, 6), np.float32), np.zeros((0, 3), np.int64))
+    moved.pixel_values_videos, moved.video_grid_thw = video[2].pixel_values, video[2].image_grid_thw
+    rows = [
+        build_row([image, (ids, video[1], moved)], 24, 0),
+        build_row([(ids, video[1], moved)], 24, 0),
+    ]
+    whole = vision_inputs(rows, TOKENS, 0, 1)
+    assert whole["image_grid_thw"].tolist() == [[1, 2, 4]]
+    assert whole["video_grid_thw"].tolist() == [[1, 2, 8], [1, 2, 8]]
+    assert whole["pixel_values_videos"].shape == (32, 6)
+    assert whole["vision_slices"]["image"].tolist() == [0, 1]
+    assert whole["vision_slices"]["video"].tolist() == list(range(2, 10))
+    # sp 2: rank 1 holds tokens 12-23 of each row: the last three of row 0's video's four
+    # placeholders (tokens 11-14), none of row 1's (3-6)
+    half = vision_inputs(rows, TOKENS, 1, 2)
+    assert half["vision_slices"]["image"].tolist() == []
+    assert half["vision_slices"]["video"].tolist() == [3, 4, 5]
+    assert half["vision_shards"] == image_shards([8, 16, 16], [2, 4, 4], 2)
+
+
+def test_placeholders_that_do_not_match_the_grids_are_refused():
+    from loom.trainer.data.collate import vision_inputs
+
+    ids, labels, vision = _image_sample([2, 2])
+    ids = np.where(np.arange(len(ids)) == 4, 1, ids)  # one placeholder fewer
+    row = build_row([(ids, labels, vision)], 24, 0)
+    with pytest.raises(ValueError, match="3 image placeholders but 4 image features"):
+        vision_inputs([row], TOKENS, 0, 1)

@@ -1,21 +1,22 @@
 """The training forward of Loom's vision-language ports (Qwen2.5-VL, Qwen3-VL), shared by
-every major's generated module: the vision tower on the micro-batch's patches (or on a
-dummy image when it has none), its features filled into the placeholder tokens of this
-rank's slice of the sequence, then the text decoder with Loom's attention and loss.
+every major's generated module: the vision tower once on the micro-batch's images and
+videos (or on a dummy image when it has neither), its features filled into the
+placeholder tokens of this rank's slice of the sequence, then the text decoder with
+Loom's attention and loss.
 
 Why not upstream's ``<Prefix>Model.forward``: it computes the 3-D rotary positions from
 the ``input_ids`` it is given (under sequence parallelism, a slice: wrong positions), it
 hands the text decoder's attention keywords (``cu_seq_lens_q``) to the vision tower too,
-and a rank with no image would skip the vision tower, whose FSDP collectives the other
-ranks then wait on forever.
+and a rank with no image would skip the vision tower (one with images and videos would
+call it twice), whose FSDP collectives the other ranks then wait on forever.
 
 Under sequence parallelism the ranks of the group hold the same rows: each runs the vision
-tower on its share of the micro-batch's images (``vision_shards``: contiguous runs of
-whole images balanced by patch count, so attention, which stays within an image or its
-windows, needs nothing from another rank), the features of all images are gathered, and
+tower on its share of the micro-batch's images and videos (``vision_shards``: contiguous
+runs of whole items balanced by patch count, so attention, which stays within an image,
+a frame or its windows, needs nothing from another rank), all features are gathered, and
 each rank keeps those of the placeholders in its slice (``vision_slices``). Both are
 computed on the host by the trainer, so the forward never waits on the device to count
-placeholders. Without ``vision_shards`` every rank runs the tower on every image.
+placeholders. Without ``vision_shards`` every rank runs the tower on every item.
 """
 
 from __future__ import annotations
@@ -112,15 +113,16 @@ def vlm_model_forward(
     pixel_values_videos: torch.Tensor | None = None,
     video_grid_thw: torch.Tensor | None = None,
     vision_slices: dict[str, torch.Tensor] | None = None,
-    vision_shards: dict[str, list[Shard]] | None = None,
+    vision_shards: list[Shard] | None = None,
     **kwargs,
 ) -> BaseModelOutputWithPast:
     """``model``: the ``<Prefix>Model`` (``visual`` + ``language_model``). ``input_ids``
     [batch, seq]: this rank's slice; ``position_ids`` [4, batch, seq] (text positions, then
     the three rotary axes) or [3, batch, seq], sliced alike; pixels and grids: the whole
-    micro-batch's. ``vision_slices[modality]``: the indices of the micro-batch's features
-    that fill this slice's placeholders, in order (all of them when absent);
-    ``vision_shards[modality]``: under SP, which images each rank's tower runs on."""
+    micro-batch's. The tower runs once on the images, then the videos; ``vision_slices[
+    modality]``: the indices of those joint features that fill this slice's placeholders
+    of ``modality``, in order (all of the modality's when absent); ``vision_shards``: under
+    SP, which of the joint items (images, then videos) each rank's tower runs on."""
     config = model.config
     kwargs.pop("second_per_grid_ts", None)  # video timing: in the positions already
     embeds = model.get_input_embeddings()(input_ids)
@@ -128,31 +130,35 @@ def vlm_model_forward(
         "image": (pixel_values, image_grid_thw),
         "video": (pixel_values_videos, video_grid_thw),
     }
+    present = [m for m in MODALITIES if inputs[m][0] is not None]
     masks, deep_parts = {}, {}
-    for modality in MODALITIES:
-        pixels, grid = inputs[modality]
-        if pixels is None:
-            continue
-        mask = input_ids == getattr(config, f"{modality}_token_id")
-        shards = (vision_shards or {}).get(modality)
+    if present:
+        # One tower call on the images and videos together (the tower works per item, so
+        # the features are those of separate calls): every rank then calls it once per
+        # forward whatever its micro-batch holds, and FSDP's collectives stay matched.
+        pixels = torch.cat([inputs[m][0] for m in present])
+        grid = torch.cat([inputs[m][1] for m in present])
         group = sequence_parallel_group(model)
-        if shards and group is not None:
-            features, deep = sharded_vision_features(model.visual, pixels, grid, shards, group)
+        if vision_shards and group is not None:
+            features, deep = sharded_vision_features(
+                model.visual, pixels, grid, vision_shards, group
+            )
         else:
             features, deep = vision_features(model.visual, pixels, grid)
-        index = (vision_slices or {}).get(modality)
-        if index is None:
-            if int(mask.sum()) != features.shape[0]:
+        slices = vision_slices or _whole_slices(present, inputs, features.device, config)
+        for modality in present:
+            mask = input_ids == getattr(config, f"{modality}_token_id")
+            index = slices[modality]
+            if vision_slices is None and int(mask.sum()) != index.numel():
                 raise ValueError(
-                    f"{int(mask.sum())} {modality} placeholder tokens but {features.shape[0]} "
-                    f"{modality} features from {tuple(grid.shape)} grids"
+                    f"{int(mask.sum())} {modality} placeholder tokens but {index.numel()} "
+                    f"{modality} features from {tuple(inputs[modality][1].shape)} grids"
                 )
-            index = torch.arange(features.shape[0], device=features.device)
-        features = features.index_select(0, index).to(embeds.dtype)
-        embeds = embeds.masked_scatter(mask[..., None], features)
-        masks[modality] = mask
-        deep_parts[modality] = [d.index_select(0, index) for d in deep]
-    if not masks and model.training:
+            picked = features.index_select(0, index).to(embeds.dtype)
+            embeds = embeds.masked_scatter(mask[..., None], picked)
+            masks[modality] = mask
+            deep_parts[modality] = [d.index_select(0, index) for d in deep]
+    elif model.training:
         # A micro-batch without images still runs the vision tower (on a dummy image) and
         # adds its outputs times zero: every rank then takes part in the vision layers'
         # FSDP collectives, and their gradients are zeros rather than missing.
@@ -174,6 +180,17 @@ def vlm_model_forward(
         **text_kwargs,
         **kwargs,
     )
+
+
+def _whole_slices(present, inputs, device, config) -> dict[str, torch.Tensor]:
+    """Every feature of each modality, as indices into the joint features (images first)."""
+    merge = config.vision_config.spatial_merge_size
+    out, start = {}, 0
+    for modality in present:
+        count = int(inputs[modality][1].prod(-1).sum()) // merge**2
+        out[modality] = torch.arange(start, start + count, device=device)
+        start += count
+    return out
 
 
 def _deepstack_joint(visual_mask, masks, deep_parts) -> list[torch.Tensor]:

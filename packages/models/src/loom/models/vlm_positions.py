@@ -6,12 +6,27 @@ would be wrong).
 Text tokens advance all three axes together; the tokens of an image (or a video frame)
 take its temporal index and its row and column on the merged grid, offset by where the
 image starts, and the text after it resumes at one past the largest position used.
-This is upstream's ``get_rope_index`` (Qwen2.5-VL, Qwen3-VL) for one sample.
+This is upstream's ``get_rope_index`` (Qwen2.5-VL, Qwen3-VL) for one sample, as the
+installed transformers computes it: the majors differ for Qwen2.5-VL's videos of more than
+one temporal patch (``RESUME_AFTER_SPATIAL``).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import transformers
+
+# 5.x resumes the text after a vision run at its start plus its larger spatial side, even
+# when a video's temporal positions reach further; 4.x after the largest position. The
+# same for images and single frames.
+RESUME_AFTER_SPATIAL = int(transformers.__version__.split(".")[0]) >= 5
+
+
+def video_time_scales(seconds_per_grid: list[float], tokens_per_second: float) -> list[float]:
+    """Qwen2.5-VL's spacing of a video's temporal patches on the temporal axis, per video:
+    ``tokens_per_second`` times the seconds per patch truncated to whole seconds (both
+    majors cast them to the positions' integer dtype first)."""
+    return [float(int(s) * tokens_per_second) for s in seconds_per_grid]
 
 
 def token_runs(ids: np.ndarray, token_id: int) -> list[tuple[int, int]]:
@@ -33,8 +48,8 @@ def mrope_positions(
 ) -> np.ndarray:
     """[3, len(ids)] int64 positions of one sample.
 
-    ``video_temporal_scale``: Qwen2.5-VL's ``second_per_grid_t * tokens_per_second`` per
-    video (a video is one run of placeholders, frames spaced by the scale); None for
+    ``video_temporal_scale``: Qwen2.5-VL's spacing of temporal patches per video
+    (``video_time_scales``; a video is one run of placeholders); None for
     Qwen3-VL, whose frames are separate runs (timestamps in between), each placed like an
     image.
     """
@@ -74,6 +89,7 @@ def mrope_positions(
             (np.arange(t) * scale).astype(np.int64), np.arange(h), np.arange(w), indexing="ij"
         )
         out[:, start:end] = np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + base
-        cursor, next_pos = end, int(out[:, start:end].max()) + 1
+        resume = base + max(h, w) if RESUME_AFTER_SPATIAL else int(out[:, start:end].max()) + 1
+        cursor, next_pos = end, resume
     out[:, cursor:] = np.arange(len(ids) - cursor) + next_pos
     return out

@@ -19,8 +19,8 @@ from loom.dist.mesh import ParallelState, destroy_parallel, init_parallel
 from loom.dist.ulysses import slice_input
 from loom.trainer.checkpointing import StopRequest, save
 from loom.trainer.config import Config
-from loom.trainer.data.collate import boundaries, stack_rows, vision_inputs
-from loom.trainer.data.packing import Row
+from loom.trainer.data.collate import VisionTokens, boundaries, stack_rows, vision_inputs
+from loom.trainer.data.packing import MEDIA, Row
 from loom.trainer.data.samples import IGNORE_INDEX
 from loom.trainer.errors import Interrupted, LoomError
 from loom.trainer.export import export_hf
@@ -37,7 +37,7 @@ def rank_share(rows: list[Row], dp_rank: int, dp_size: int, micro: int) -> list[
 
 
 VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-VISION_KEYS = ("pixel_values", "image_grid_thw", "vision_slices", "vision_shards")
+VISION_KEYS = (*(k for keys in MEDIA.values() for k in keys), "vision_slices", "vision_shards")
 
 
 def varlen_kwargs(cu_seqlens: torch.Tensor, longest: int) -> dict:
@@ -110,7 +110,7 @@ def reduce_and_update(
 
 
 def to_device(
-    rows: list[Row], device: torch.device, sp_group, image_token_id: int | None = None
+    rows: list[Row], device: torch.device, sp_group, tokens: VisionTokens | None = None
 ) -> dict[str, torch.Tensor]:
     """A micro-batch's tensors on ``device``: this SP rank's slice of ``[rows, seq]``
     (boundaries stay whole-row; a vision-language model's patches stay whole). Copied from pinned memory without waiting: a copy from
@@ -126,7 +126,7 @@ def to_device(
     batch |= varlen_kwargs(move(cu_seqlens), longest)
     if rows[0].vision is not None:
         sp_rank, sp_size = dist.get_rank(sp_group), dist.get_world_size(sp_group)
-        vision = vision_inputs(rows, image_token_id, sp_rank, sp_size)
+        vision = vision_inputs(rows, tokens, sp_rank, sp_size)
         if vision:
             vision["vision_slices"] = {k: move(v) for k, v in vision["vision_slices"].items()}
             batch |= {k: move(v) if isinstance(v, torch.Tensor) else v for k, v in vision.items()}
@@ -146,10 +146,8 @@ def forward_backward(
     """
     num_items = max(loss_tokens, 1) / parallel.fsdp_size
     total = torch.zeros((), device=parallel.device)
-    image_token_id = getattr(model.config, "image_token_id", None)
-    batches = [
-        to_device(rows, parallel.device, parallel.sp_group, image_token_id) for rows in micro
-    ]
+    tokens = VisionTokens.of(model.config)
+    batches = [to_device(rows, parallel.device, parallel.sp_group, tokens) for rows in micro]
     for i, batch in enumerate(batches):
         last = i == len(micro) - 1
         model.set_requires_gradient_sync(last)  # reduce once per step
@@ -265,18 +263,21 @@ def train_step(run: Run, stop: StopRequest) -> tuple[dict, bool]:
     if run.loader.streams:
         record["skipped_records"] = run.loader.skipped_records
     if rows[0].vision is not None:
-        record |= vision_metrics(rows, run.model.config.image_token_id, step_tokens)
+        record |= vision_metrics(rows, VisionTokens.of(run.model.config), step_tokens)
     return record, result.stop
 
 
-def vision_metrics(rows: list[Row], image_token_id: int, step_tokens: int) -> dict:
-    """A vision-language step's tokens split: image placeholders (the vision tower's
-    features), text (the rest, padding excluded), and the images."""
-    image = sum(int((r.input_ids == image_token_id).sum()) for r in rows)
+def vision_metrics(rows: list[Row], tokens: VisionTokens, step_tokens: int) -> dict:
+    """A vision-language step's tokens split: image and video placeholders (the vision
+    tower's features), text (the rest, padding excluded), and the images and videos."""
+    image = sum(int((r.input_ids == tokens.image).sum()) for r in rows)
+    video = sum(int((r.input_ids == tokens.video).sum()) for r in rows)
     return {
         "images": sum(len(r.vision.image_grid_thw) for r in rows),
+        "videos": sum(len(r.vision.video_grid_thw) for r in rows),
         "image_tokens": image,
-        "text_tokens": step_tokens - image - sum(r.padding for r in rows),
+        "video_tokens": video,
+        "text_tokens": step_tokens - image - video - sum(r.padding for r in rows),
     }
 
 

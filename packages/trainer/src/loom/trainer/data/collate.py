@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from loom.models.vlm import image_shards
-from loom.models.vlm_positions import token_runs
-from loom.trainer.data.packing import Row
+from loom.trainer.data.packing import MEDIA, Row
 
 
 def stack_rows(rows: list[Row]) -> dict[str, torch.Tensor]:
@@ -25,35 +26,56 @@ def stack_rows(rows: list[Row]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def vision_inputs(rows: list[Row], image_token_id: int, sp_rank: int, sp_size: int) -> dict:
-    """The micro-batch's patches and grids (whole, on every SP rank); ``vision_slices``:
-    which of their features fill the image placeholders of this rank's slice of the rows,
-    in the slice's order; under SP, ``vision_shards``: which images each rank's vision
-    tower runs on (``loom.models.vlm.image_shards``). Empty dict for rows without images."""
-    with_images = [r.vision for r in rows if len(r.vision.image_grid_thw)]
-    if not with_images:
-        return {}
+@dataclass(frozen=True)
+class VisionTokens:
+    """What the host needs of a vision-language model's config to lay out its inputs."""
+
+    image: int  # placeholder token ids
+    video: int
+    merge: int  # spatial merge size: merge**2 patches make one feature
+
+    @classmethod
+    def of(cls, config) -> VisionTokens | None:
+        if getattr(config, "vision_config", None) is None:
+            return None
+        merge = config.vision_config.spatial_merge_size
+        return cls(config.image_token_id, config.video_token_id, merge)
+
+
+def vision_inputs(rows: list[Row], tokens: VisionTokens, sp_rank: int, sp_size: int) -> dict:
+    """The micro-batch's patches and grids per modality (whole, on every SP rank), which
+    the vision tower takes together, images then videos; ``vision_slices[modality]``:
+    which of those joint features fill the placeholders of this rank's slice of the rows,
+    in the slice's order; under SP, ``vision_shards``: which items (images, then videos)
+    each rank's vision tower runs on (``loom.models.vlm.image_shards``). Empty dict for
+    rows without images or videos."""
     ids = np.stack([r.input_ids for r in rows])
-    is_image = ids == image_token_id
-    order = np.cumsum(is_image.reshape(-1)).reshape(ids.shape) - 1  # row-major feature order
     width = ids.shape[1] // sp_size
     part = slice(sp_rank * width, (sp_rank + 1) * width)
-    index = order[:, part][is_image[:, part]]
-    grids = np.concatenate([v.image_grid_thw for v in with_images])
-    out = {
-        "pixel_values": torch.from_numpy(np.concatenate([v.pixel_values for v in with_images])),
-        "image_grid_thw": torch.from_numpy(grids),
-        "vision_slices": {"image": torch.from_numpy(index.astype(np.int64))},
-    }
-    if sp_size > 1:
-        features = [end - start for start, end in token_runs(ids.reshape(-1), image_token_id)]
-        if len(features) != len(grids):
+    out, slices, patches, features = {}, {}, [], []
+    for modality, (pixels_key, grids_key) in MEDIA.items():
+        found = [r.vision for r in rows if len(getattr(r.vision, grids_key))]
+        if not found:
+            continue
+        grids = np.concatenate([getattr(v, grids_key) for v in found])
+        counts = grids.prod(axis=1) // tokens.merge**2
+        is_token = ids == getattr(tokens, modality)
+        if int(is_token.sum()) != int(counts.sum()):
             raise ValueError(
-                f"{len(features)} runs of image placeholders but {len(grids)} images in the "
-                "micro-batch: images must be separated by other tokens"
+                f"{int(is_token.sum())} {modality} placeholders but {int(counts.sum())} "
+                f"{modality} features from the micro-batch's grids"
             )
-        patches = grids.prod(axis=1).tolist()
-        out["vision_shards"] = {"image": image_shards(patches, features, sp_size)}
+        order = np.cumsum(is_token.reshape(-1)).reshape(ids.shape) - 1 + sum(features)
+        slices[modality] = torch.from_numpy(order[:, part][is_token[:, part]].astype(np.int64))
+        out[pixels_key] = torch.from_numpy(np.concatenate([getattr(v, pixels_key) for v in found]))
+        out[grids_key] = torch.from_numpy(grids)
+        patches += grids.prod(axis=1).tolist()
+        features += counts.tolist()
+    if not out:
+        return {}
+    out["vision_slices"] = slices
+    if sp_size > 1:
+        out["vision_shards"] = image_shards(patches, features, sp_size)
     return out
 
 

@@ -3,14 +3,14 @@
 A row is what one forward pass sees on one rank (batch dimension 1): ``input_ids``,
 ``labels`` and ``position_ids`` of length ``row_len`` (padding at the end has label
 ``IGNORE_INDEX``), and ``cu_seqlens``, the sample boundaries for varlen attention.
-Samples of a vision-language source bring their images (``Vision``): the row then also
-holds the 3-D rotary positions of every token and its samples' patches and grids.
+Samples of a vision-language source bring their images and videos (``Vision``): the row
+then also holds the 3-D rotary positions of every token and its samples' patches and grids.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,13 +18,31 @@ import numpy as np
 from loom.trainer.data.samples import IGNORE_INDEX
 
 
+def _no_grids() -> np.ndarray:
+    return np.zeros((0, 3), np.int64)
+
+
+def _no_pixels() -> np.ndarray:
+    return np.zeros((0, 0), np.float32)
+
+
 @dataclass
 class Vision:
-    """A sample's images: 3-D rotary positions of its tokens, patches and grids."""
+    """A sample's images and videos: 3-D rotary positions of its tokens, patches and grids
+    (named as the model's keyword arguments)."""
 
     mrope: np.ndarray  # [3, tokens] int64
     pixel_values: np.ndarray  # [patches, channels * temporal patch * patch ** 2] float32
     image_grid_thw: np.ndarray  # [images, 3] int64
+    pixel_values_videos: np.ndarray = field(default_factory=_no_pixels)  # [patches, width]
+    video_grid_thw: np.ndarray = field(default_factory=_no_grids)  # [videos, 3] int64
+
+
+# Per modality, the names of its patches and grids in ``Vision`` and the model's forward.
+MEDIA = {
+    "image": ("pixel_values", "image_grid_thw"),
+    "video": ("pixel_values_videos", "video_grid_thw"),
+}
 
 
 @dataclass
@@ -72,15 +90,15 @@ def _row_vision(samples: list[tuple], pieces: list[int]) -> Vision:
     parts = [s[2] if len(s) > 2 else None for s in samples]
     mrope = [p.mrope if p else np.tile(np.arange(len(s[0])), (3, 1)) for p, s in zip(parts, samples, strict=True)]  # fmt: skip
     mrope += [np.tile(np.arange(n), (3, 1)) for n in pieces]
-    found = [p for p in parts if p is not None and len(p.image_grid_thw)]
-    width = found[0].pixel_values.shape[1] if found else 0
-    return Vision(
-        np.concatenate(mrope, axis=1).astype(np.int64),
-        np.concatenate([p.pixel_values for p in found])
-        if found
-        else np.zeros((0, width), np.float32),
-        np.concatenate([p.image_grid_thw for p in found]) if found else np.zeros((0, 3), np.int64),
-    )
+    media = {}
+    for pixels, grids in MEDIA.values():
+        found = [p for p in parts if p is not None and len(getattr(p, grids))]
+        if found:
+            media[pixels] = np.concatenate([getattr(p, pixels) for p in found])
+            media[grids] = np.concatenate([getattr(p, grids) for p in found])
+    media.setdefault("pixel_values", _no_pixels())
+    media.setdefault("image_grid_thw", _no_grids())
+    return Vision(np.concatenate(mrope, axis=1).astype(np.int64), **media)
 
 
 # (source, index or a stream's sample key, offset of the first token still to pack)
