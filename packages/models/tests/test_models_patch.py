@@ -158,3 +158,17 @@ def test_bf16_on_gpu_matches_upstream(name, backend):
             f"{param_name}: bf16 gradient's relative error {err:.2e} against fp32, upstream "
             f"bf16's {upstream_err:.2e}"
         )
+
+
+@pytest.mark.parametrize(("name", "backend"), backend_params(DENSE, ("loom_sdpa", "loom_varlen")))
+def test_rows_without_positions_match_upstream(name, backend):
+    """A plain call with three rows and no position_ids (HF then makes one row of
+    positions for all): each row is its own sample, as upstream computes it."""
+    reference = upstream(name)
+    model = build_model(TOY / f"{name}_toy", attn_implementation=backend)
+    model.load_state_dict(reference.state_dict())
+    ids = torch.randint(0, reference.config.vocab_size, (3, 10), generator=torch.Generator())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=RTOL, atol=1e-5
+        )

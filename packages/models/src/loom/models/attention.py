@@ -130,6 +130,8 @@ def _loom_attention(module, query, key, value, attention_mask, *, use_sdpa, **kw
             raise ValueError("under sequence parallelism pass cu_seq_lens_q for the whole row")
         if position_ids is None:
             position_ids = torch.arange(seq, device=query.device).expand(batch, seq)
+        elif position_ids.shape[0] == 1:  # HF's default: one row of positions for all rows
+            position_ids = position_ids.expand(batch, seq)
         cu_seqlens = boundaries_from_positions(position_ids)
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     else:
