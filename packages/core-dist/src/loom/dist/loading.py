@@ -11,6 +11,7 @@ map), so no rank ever holds the full model. Tensors that go through a
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -171,11 +172,26 @@ def _problems(mismatched: list[str], unexpected: list[str], missing: list[str]) 
     return ". ".join(lines)
 
 
+def renamer(renames: Iterable[tuple[str, str]]) -> Callable[[str], str]:
+    """Checkpoint key -> model key: the first of ``renames`` (regex, replacement) that
+    matches, else the key itself."""
+    compiled = [(re.compile(pattern), replacement) for pattern, replacement in renames]
+
+    def rename(key: str) -> str:
+        for pattern, replacement in compiled:
+            if pattern.search(key):
+                return pattern.sub(replacement, key, count=1)
+        return key
+
+    return rename
+
+
 def _check_headers(
     path: Path,
     files: dict[Path, list[str]],
     targets: dict[str, torch.Tensor],
     converter: TensorConverter | None,
+    rename: Callable[[str], str],
 ) -> None:
     """Refuse, before reading any data, keys the model lacks and shapes that differ."""
     mismatched, unexpected = [], []
@@ -184,15 +200,16 @@ def _check_headers(
             for key in keys:
                 if key not in f.tensors:
                     raise CheckpointError(f"{file} lacks {key!r}, which {INDEX_NAME} places there")
-                if converter is not None and converter.can_handle(key):
+                name = rename(key)
+                if converter is not None and converter.can_handle(name):
                     continue
-                if key not in targets:
+                if name not in targets:
                     unexpected.append(key)
                     continue
                 shape = f.tensors[key].shape
-                if shape != tuple(targets[key].shape):
+                if shape != tuple(targets[name].shape):
                     mismatched.append(
-                        f"{key}: checkpoint {shape} vs model {tuple(targets[key].shape)}"
+                        f"{key}: checkpoint {shape} vs model {tuple(targets[name].shape)}"
                     )
     if mismatched or unexpected:
         raise CheckpointError(
@@ -206,6 +223,7 @@ def load_safetensors(
     path: Path,
     converter: TensorConverter | None = None,
     allow_missing: Iterable[str] = (),
+    renames: Iterable[tuple[str, str]] = (),
 ) -> LoadReport:
     """Fill ``model``'s parameters and persistent buffers from an HF safetensors checkpoint.
 
@@ -213,25 +231,28 @@ def load_safetensors(
     shape mismatches and model keys the checkpoint lacks (other than ``allow_missing``,
     exact names), like unreadable or truncated files, raise ``CheckpointError`` (a
     ``ValueError``) naming them. ``converter`` handles the checkpoint
-    keys whose layout differs from the model's.
+    keys whose layout differs from the model's; ``renames`` (regex, replacement) map
+    checkpoint keys saved under older module names (a port's ``renames``) first.
     """
     path = Path(path)
     files = checkpoint_files(path)
     targets = load_targets(model)
-    _check_headers(path, files, targets, converter)
+    rename = renamer(renames)
+    _check_headers(path, files, targets, converter, rename)
     report = LoadReport()
     for file, keys in files.items():
         with SafetensorsFile(file) as f:
             for key in keys:
-                if converter is not None and converter.can_handle(key):
+                name = rename(key)
+                if converter is not None and converter.can_handle(name):
                     whole = f.read(key)
                     report.bytes_read += whole.nbytes
-                    for name, tensor in converter.convert(key, whole):
-                        _fill_converted(targets, name, tensor, key, report)
+                    for converted, tensor in converter.convert(name, whole):
+                        _fill_converted(targets, converted, tensor, key, report)
                     continue
-                part = f.read(key, _local_region(targets[key]))  # only this rank's shard
-                _fill(targets[key], part)
-                report.loaded.append(key)
+                part = f.read(key, _local_region(targets[name]))  # only this rank's shard
+                _fill(targets[name], part)
+                report.loaded.append(name)
                 report.bytes_read += part.nbytes
     if converter is not None:
         converter.finalize()

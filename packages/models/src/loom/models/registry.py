@@ -71,11 +71,30 @@ class PortHooks:
     expert_modules: Callable[[Any], list] | None = None  # modules FSDP shards over experts
     converter: Callable[[PretrainedConfig], Any] | None = None  # -> loom.dist TensorConverter
     to_hf: Callable[[dict], dict] | None = None  # full tensors -> HF checkpoint layout
+    # (regex, replacement): checkpoint keys saved under older module names -> the model's
+    renames: tuple[tuple[str, str], ...] = ()
+
+
+# A vision-language checkpoint in the older layout (the Hub's Qwen2.5-VL, and what
+# save_pretrained writes for it): vision tower and text decoder at the top level, as
+# transformers' own conversion mapping reads them.
+VLM_LEGACY_KEYS = (
+    (r"^visual\.", "model.visual."),
+    (r"^model\.(?!visual\.|language_model\.)", "model.language_model."),
+)
 
 
 def port_hooks(model_type: str) -> PortHooks:
     factory = PORT_HOOKS_REGISTRY.get(model_type)
     return factory() if factory is not None else PortHooks()
+
+
+def load_weights(model: PreTrainedModel, path: Path):
+    """Fill a built port from an HF checkpoint folder as the trainer does: through the
+    port's key renames and tensor converter (``loom.dist.loading.load_safetensors``)."""
+    hooks = port_hooks(model_type(model.config))
+    converter = hooks.converter(model.config) if hooks.converter else None
+    return load_safetensors(model, Path(path), converter, renames=hooks.renames)
 
 
 def _import_ports() -> None:
@@ -207,15 +226,13 @@ def build_model(
     if init == "pretrained":
         if isinstance(source, PretrainedConfig | dict):
             raise ValueError("init='pretrained' needs a model directory, not a config")
-        converter = port_hooks(model_type(config)).converter if is_port else None
-        if converter is None:
+        if not is_port:
             model = cls.from_pretrained(source, config=config, **kwargs)
         else:
-            # HF's loader does not know the port's layout (stacked experts): it would leave
-            # those parameters freshly initialised. Read through the port's converter, as
-            # the trainer does.
+            # HF's loader does not know a port's layout (stacked experts): it would leave
+            # those parameters freshly initialised. Read as the trainer does.
             model = cls._from_config(config, **kwargs)
-            load_safetensors(model, Path(source), converter(config))
+            load_weights(model, Path(source))
     else:
         model = cls._from_config(config, **kwargs)
     model.loom_port = is_port  # a port takes shift_labels / num_items_in_batch, fused loss

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from loom.dist.fsdp import apply_fsdp, mixed_precision
-from loom.dist.loading import load_safetensors, materialize
+from loom.dist.loading import materialize
 from loom.dist.mesh import ParallelState
 from loom.models.attention import set_sequence_parallel
-from loom.models.registry import model_type, port_hooks
+from loom.models.registry import load_weights, model_type, port_hooks
 from loom.trainer.config import Config, MemoryConfig, ParallelConfig
 from loom.trainer.errors import ConfigError
 from loom.trainer.memory import offload_checkpointed_inputs, tile_mlps
@@ -54,9 +54,7 @@ def build_parallel_model(config: Config, parallel: ParallelState) -> nn.Module:
     if pretrained:
         # buffers kept their values; every parameter is filled from the checkpoint next
         materialize(model, parallel.device, init=lambda model: None)
-        hooks = port_hooks(model_type(model.config))
-        converter = hooks.converter(model.config) if hooks.converter else None
-        load_safetensors(model, config.model.path, converter)
+        load_weights(model, config.model.path)
     return model
 
 

@@ -7,6 +7,7 @@ loom.models.vlm); ``loom.models.expert_plan`` shards the experts over the ``ep``
 from loom.models.registry import (
     MODELING_REGISTRY,
     PORT_HOOKS_REGISTRY,
+    VLM_LEGACY_KEYS,
     PortHooks,
     generated_class,
 )
@@ -22,4 +23,6 @@ def qwen3_vl_moe_hooks() -> PortHooks:
     from loom.models.expert_plan import VLM_EXPERT_PLAN, expert_modules
     from loom.models.qwen3_vl_moe.converter import Qwen3VLMoeConverter, to_hf
 
-    return PortHooks(VLM_EXPERT_PLAN, expert_modules, Qwen3VLMoeConverter.from_config, to_hf)
+    return PortHooks(
+        VLM_EXPERT_PLAN, expert_modules, Qwen3VLMoeConverter.from_config, to_hf, VLM_LEGACY_KEYS
+    )
