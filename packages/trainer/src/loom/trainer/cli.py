@@ -1,13 +1,16 @@
 """The ``loom`` command.
 
     loom train CONFIG [--section.key value ...] [--nproc N]
+    loom truncate SRC DST --layers N [--vision-layers M]
+    loom verify SRC [--tolerance-factor F] [--batch B --seq S]
 
 ``--nproc N`` starts N processes on this machine with torchrun, each running the same
 command without ``--nproc``. Bad input is reported as one ``error:`` line and exit status
 2: before any process starts where the launcher can see it, else by the ranks, which write
 their message into ``$LOOM_ERROR_DIR`` for the launcher to print once (torchrun's report of
 the failed ranks is dropped: see ``loom.trainer.launch``). ``LOOM_DEBUG=1`` adds the
-traceback.
+traceback. ``loom verify`` exits 1 when Loom's numbers differ from upstream's beyond the
+tolerance.
 """
 
 from __future__ import annotations
@@ -46,6 +49,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     plot = commands.add_parser("plot", help="write loss.png and throughput.png of a run")
     plot.add_argument("run_dir", type=Path, help="a run's output directory")
+    truncate = commands.add_parser(
+        "truncate", help="write the first N decoder layers of an HF checkpoint to a new folder"
+    )
+    truncate.add_argument("src", type=Path, help="HF checkpoint folder (safetensors)")
+    truncate.add_argument("dst", type=Path, help="new folder to write")
+    truncate.add_argument("--layers", type=int, required=True, help="decoder layers to keep")
+    truncate.add_argument(
+        "--vision-layers", type=int, help="vision blocks to keep (default: the whole tower)"
+    )
+    verify = commands.add_parser(
+        "verify", help="compare Loom's logits and loss with upstream transformers' (fp32, CPU)"
+    )
+    verify.add_argument("src", type=Path, help="HF checkpoint folder (safetensors)")
+    verify.add_argument(
+        "--tolerance-factor", type=float, help="times the base tolerance (default: per model)"
+    )
+    verify.add_argument("--batch", type=int, default=2, help="rows of random tokens")
+    verify.add_argument("--seq", type=int, default=32, help="tokens per row")
     return parser
 
 
@@ -243,18 +264,32 @@ def train_command(config_path: Path, nproc: int, overrides: list[str]) -> int:
     return code
 
 
+def _tool_command(args: argparse.Namespace) -> int:
+    """``plot``, ``truncate``, ``verify``: one process, no config file."""
+    if args.command == "plot":
+        from loom.trainer.metrics import plot_run
+
+        for path in plot_run(args.run_dir):
+            print(path)
+        return 0
+    if args.command == "truncate":
+        from loom.trainer.tools.truncate import truncate
+
+        print(truncate(args.src, args.dst, args.layers, args.vision_layers))
+        return 0
+    from loom.trainer.tools.verify import verify
+
+    return verify(args.src, args.tolerance_factor, args.batch, args.seq)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, overrides = parser.parse_known_args(argv)
     try:
-        if args.command == "plot":
+        if args.command != "train":
             if overrides:
                 parser.error(f"unrecognized arguments: {' '.join(overrides)}")
-            from loom.trainer.metrics import plot_run
-
-            for path in plot_run(args.run_dir):
-                print(path)
-            return 0
+            return _tool_command(args)
         if args.print_config:
             config = _load_config(args.config, overrides)
             print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")

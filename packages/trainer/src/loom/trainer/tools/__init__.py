@@ -1,0 +1,1 @@
+"""Checkpoint tools behind the ``loom`` subcommands: ``truncate`` and ``verify``."""
