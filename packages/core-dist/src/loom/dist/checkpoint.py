@@ -2,7 +2,8 @@
 
 A checkpoint ``<root>/step_<N>/`` holds the model and optimizer (sharded DTensors, so it
 loads at any world size), the scheduler and data-loader state and the step (JSON text),
-and every rank's RNG states. It is written to ``<root>/.step_<N>.partial`` and renamed
+and every rank's RNG states. A weights-only checkpoint (``save_weights``: the model and
+step 0, e.g. converted from HF) loads the model and leaves the rest as it starts. It is written to ``<root>/.step_<N>.partial`` and renamed
 when every rank has finished, so a crash mid-save leaves the previous checkpoints as they
 were; the rename needs ``root`` on a file system every rank sees (one node, or a shared
 mount). Non-tensor values are read back with ``torch.load(weights_only=True)``.
@@ -28,7 +29,12 @@ from torch.distributed.checkpoint import (
     FileSystemReader,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 _STEP_DIR = re.compile(r"step_(\d+)")
 _METADATA = ".metadata"  # written by DCP last, once every rank's data is on disk
@@ -42,6 +48,7 @@ class Resumed:
     data_state: dict[str, Any]
     saved_world_size: int
     rng_restored: bool  # False when this rank did not exist in the saving run
+    weights_only: bool = False  # the model alone: optimizer, scheduler, data start afresh
 
 
 class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
@@ -126,6 +133,25 @@ def save_checkpoint(
     return final
 
 
+def save_weights(final: Path, model: nn.Module) -> Path:
+    """Save the model alone, as a checkpoint of step 0 that ``load_checkpoint`` reads
+    (optimizer, scheduler and data start afresh); every rank calls it. Written to a
+    temporary sibling and renamed at the end."""
+    final = Path(final)
+    partial = final.with_name(f".{final.name}.partial")
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    train = {"step": 0, "world_size": dist.get_world_size(), "scheduler": "{}", "data": "{}"}
+    dcp.save({"model": get_model_state_dict(model), "train": train}, checkpoint_id=partial)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _replace_dir(partial, final)
+    dist.barrier()
+    return final
+
+
 def _replace_dir(new: Path, final: Path) -> None:
     """Rename ``new`` to ``final``; an existing ``final`` is moved aside first and removed
     only once ``new`` is in place."""
@@ -158,6 +184,8 @@ def load_checkpoint(
         )
     rank = dist.get_rank()
     saved_keys = FileSystemReader(path).read_metadata().state_dict_metadata
+    if not any(key.startswith("optim.") for key in saved_keys):
+        return _load_weights(path, model, saved_keys)
     model_state, optim_state = get_state_dict(model, optimizer)
     train = {"step": 0, "world_size": 0, "scheduler": "", "data": ""}
     state: dict[str, Any] = {"model": model_state, "optim": optim_state, "train": train}
@@ -175,6 +203,18 @@ def load_checkpoint(
         _set_rng_state(state[rng_key], device or torch.device("cpu"))
     restored = bool(rng_template)
     return Resumed(train["step"], json.loads(train["data"]), train["world_size"], restored)
+
+
+def _load_weights(path: Path, model: nn.Module, saved_keys: dict[str, Any]) -> Resumed:
+    model_state = get_model_state_dict(model)
+    train = {"step": 0, "world_size": 0, "scheduler": "", "data": ""}
+    dcp.load(
+        {"model": model_state, "train": train},
+        checkpoint_id=path,
+        planner=_WeightsOnlyLoadPlanner(),
+    )
+    set_model_state_dict(model, model_state)
+    return Resumed(train["step"], json.loads(train["data"]), train["world_size"], False, True)
 
 
 def _rng_template(saved: dict[str, Any], rng_key: str) -> dict[str, Any]:

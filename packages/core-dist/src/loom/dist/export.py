@@ -46,7 +46,7 @@ def plan_shards(
     return shards
 
 
-def _shard_names(count: int) -> list[str]:
+def shard_names(count: int) -> list[str]:
     if count == 1:
         return ["model.safetensors"]
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
@@ -98,7 +98,7 @@ def export_safetensors(
     out_dir = Path(out_dir)
     write = not dist.is_initialized() or dist.get_rank() == 0
     shards = plan_shards(tensors, max_shard_bytes, dtype)
-    names = _shard_names(len(shards))
+    names = shard_names(len(shards))
     if write:
         out_dir.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}

@@ -99,6 +99,9 @@ def resume(run: Run) -> None:
             run.console.print(f"no checkpoint in {checkpoints_root(run.out)}: starting at step 0")
         return
     resumed = load_checkpoint(path, run.model, run.optimizer, run.scheduler, run.parallel.device)
+    if resumed.weights_only:  # e.g. from loom convert hf-to-dcp: only the weights continue
+        run.console.print(f"starting at step 0 from the weights in {path}")
+        return
     run.loader.load_state_dict(resumed.data_state["loader"])
     run.step, run.tokens = resumed.step, resumed.data_state["tokens"]
     run.console.print(f"resumed from {path} (saved at world size {resumed.saved_world_size})")

@@ -1,6 +1,8 @@
 """The ``loom`` command.
 
     loom train CONFIG [--section.key value ...] [--nproc N]
+    loom convert dcp-to-hf CHECKPOINT DST [--model HF_DIR] [--nproc N]
+    loom convert hf-to-dcp SRC DST [--nproc N]
     loom truncate SRC DST --layers N [--vision-layers M]
     loom verify SRC [--tolerance-factor F] [--batch B --seq S]
 
@@ -49,6 +51,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     plot = commands.add_parser("plot", help="write loss.png and throughput.png of a run")
     plot.add_argument("run_dir", type=Path, help="a run's output directory")
+    convert = commands.add_parser("convert", help="a Loom checkpoint to an HF folder, or back")
+    kinds = convert.add_subparsers(dest="kind", required=True)
+    to_hf = kinds.add_parser("dcp-to-hf", help="a training checkpoint to HF safetensors")
+    to_hf.add_argument("checkpoint", type=Path, help="a run's checkpoints/step_<N> folder")
+    to_hf.add_argument("dst", type=Path, help="new folder to write")
+    to_hf.add_argument(
+        "--model", type=Path, help="the HF folder the run started from (default: the run's)"
+    )
+    to_hf.add_argument(
+        "--max-shard-size", default="5GiB", help="largest output file (default 5GiB, as export)"
+    )
+    to_dcp = kinds.add_parser("hf-to-dcp", help="HF safetensors to a checkpoint to start from")
+    to_dcp.add_argument("src", type=Path, help="HF checkpoint folder (safetensors)")
+    to_dcp.add_argument("dst", type=Path, help="new folder to write")
+    for kind in (to_hf, to_dcp):
+        kind.add_argument("--nproc", type=int, default=1, help="processes on this machine")
     truncate = commands.add_parser(
         "truncate", help="write the first N decoder layers of an HF checkpoint to a new folder"
     )
@@ -166,7 +184,7 @@ def settle_output_dir(out: Path, aside: Path | None, failed: bool) -> None:
         shutil.rmtree(aside)
 
 
-def _launch(nproc: int, config_path: Path, overrides: list[str]) -> int:
+def _launch(nproc: int, command: list[str]) -> int:
     """Run torchrun as a child and print the first error its ranks reported; a SIGTERM /
     SIGINT sent to this process is passed on, so a scheduler's preemption reaches the
     ranks (which save and stop) instead of orphaning them."""
@@ -174,7 +192,7 @@ def _launch(nproc: int, config_path: Path, overrides: list[str]) -> int:
         env = {**os.environ, ERROR_DIR_ENV: error_dir}
         # torchrun would set it to 1 as well, with a banner saying so.
         env.setdefault("OMP_NUM_THREADS", "1")
-        code = _run_torchrun(nproc, config_path, overrides, env)
+        code = _run_torchrun(nproc, command, env)
         reports = sorted(Path(error_dir).iterdir(), key=lambda f: int(f.name.removeprefix("rank")))
         if code and reports:
             rank = reports[0].name.removeprefix("rank")
@@ -183,13 +201,13 @@ def _launch(nproc: int, config_path: Path, overrides: list[str]) -> int:
     return code
 
 
-def _run_torchrun(nproc: int, config_path: Path, overrides: list[str], env: dict) -> int:
-    command = [
+def _run_torchrun(nproc: int, command: list[str], env: dict) -> int:
+    """``command``: the ``loom`` arguments each rank runs (without ``--nproc``)."""
+    launch = [
         sys.executable, "-m", "loom.trainer.launch", "--standalone",
-        f"--nproc_per_node={nproc}", "-m", "loom.trainer.cli", "train", str(config_path),
-        *overrides,
+        f"--nproc_per_node={nproc}", "-m", "loom.trainer.cli", *command,
     ]  # fmt: skip
-    child = subprocess.Popen(command, env=env)
+    child = subprocess.Popen(launch, env=env)
     received: list[int] = []
 
     def forward(signum, frame) -> None:
@@ -256,7 +274,8 @@ def train_command(config_path: Path, nproc: int, overrides: list[str]) -> int:
     try:
         if nproc > 1:
             # The launched ranks must not clear the directory again.
-            code = _launch(nproc, config_path, [*overrides, "--train.overwrite", "false"])
+            command = ["train", str(config_path), *overrides, "--train.overwrite", "false"]
+            code = _launch(nproc, command)
         else:
             code = _train_here(config)
     finally:
@@ -264,8 +283,44 @@ def train_command(config_path: Path, nproc: int, overrides: list[str]) -> int:
     return code
 
 
+def convert_command(args: argparse.Namespace) -> int:
+    """``loom convert``: here, or on ``--nproc`` ranks started with torchrun."""
+    from loom.trainer.tools import convert
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1 and not _under_launcher():
+        convert.refuse_existing(args.dst)  # one error line before any rank starts
+        if args.kind == "dcp-to-hf":
+            convert.parse_size(args.max_shard_size)
+        command = [
+            "convert",
+            args.kind,
+            str(args.checkpoint if args.kind == "dcp-to-hf" else args.src),
+            str(args.dst),
+        ]
+        if args.kind == "dcp-to-hf":
+            command += ["--max-shard-size", args.max_shard_size]
+            command += ["--model", str(args.model)] if args.model is not None else []
+        return _launch(args.nproc, command)
+    if args.kind == "dcp-to-hf":
+        if _under_launcher():
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo")  # the ranks split the shards; no tensor moves
+        size = convert.parse_size(args.max_shard_size)
+        out = convert.dcp_to_hf(args.checkpoint, args.dst, args.model, size)
+    else:
+        out = convert.hf_to_dcp(args.src, args.dst)
+    if os.environ.get("RANK", "0") == "0":
+        print(out)
+    return 0
+
+
 def _tool_command(args: argparse.Namespace) -> int:
-    """``plot``, ``truncate``, ``verify``: one process, no config file."""
+    """``plot``, ``convert``, ``truncate``, ``verify``: no config file."""
+    if args.command == "convert":
+        return convert_command(args)
     if args.command == "plot":
         from loom.trainer.metrics import plot_run
 
