@@ -22,8 +22,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "examples/tiny"
 # The tiny example's qwen3 with its tokenizer, and a qwen3_moe toy (stacked experts in
-# Loom, per-expert on the Hub) with the same vocabulary.
-FAMILIES = ["qwen3", "qwen3_moe"]
+# Loom, per-expert on the Hub) with the same vocabulary; each trained at world 2 with FSDP
+# and sequence or expert parallelism.
+LAYOUTS = {"qwen3": ["--parallel.sp_size", "2"], "qwen3_moe": ["--parallel.ep_size", "2"]}
+FAMILIES = list(LAYOUTS)
 
 
 def loom(*args: str) -> subprocess.CompletedProcess:
@@ -77,11 +79,12 @@ def train(out: Path, model: Path, nproc: int, *extra: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
-    """Per family: a run of 3 steps at world 2 with its checkpoint and ``hf/`` export."""
+    """Per family: a run of 3 steps at world 2 (SP or EP) with its checkpoint and ``hf/``
+    export."""
     runs = {}
     for family in FAMILIES:
         out = tmp_path_factory.mktemp(family)
-        train(out / "run", hf_model(out, family), 2)
+        train(out / "run", hf_model(out, family), 2, *LAYOUTS[family])
         runs[family] = out / "run"
     return runs
 
