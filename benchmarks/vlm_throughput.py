@@ -80,11 +80,12 @@ def make_rows(config, args, seed: int = 0) -> list[tuple]:
 
 
 class VisionTimer:
-    """CUDA events around the vision tower's forward and its backward."""
+    """CUDA events around the vision tower's forward and its backward, summed over the
+    step's micro-batches (``reset`` before each step)."""
 
     def __init__(self, visual: torch.nn.Module, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self.marks: dict[str, object] = {}
+        self.marks: dict[str, list] = {}
         visual.register_forward_pre_hook(lambda *_: self.mark("forward_start"))
         visual.register_forward_hook(self._after_forward)
         # The patch embedding is the tower's first module, so its gradient arrives last:
@@ -96,20 +97,29 @@ class VisionTimer:
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
-            self.marks[name] = event
+            self.marks.setdefault(name, []).append(event)
         else:
-            self.marks[name] = time.perf_counter()
+            self.marks.setdefault(name, []).append(time.perf_counter())
+
+    def reset(self) -> None:
+        self.marks = {}
 
     def _after_forward(self, module, inputs, output) -> None:
         self.mark("forward_end")
         for tensor in _tensors(output):
             if tensor.requires_grad:
-                tensor.register_hook(lambda grad: self.mark("backward_start"))
+                tensor.register_hook(self._backward_started)
+
+    def _backward_started(self, grad) -> None:
+        # the first of the outputs' gradients starts this forward's backward
+        if len(self.marks.get("backward_start", [])) < len(self.marks["forward_end"]):
+            self.mark("backward_start")
 
     def seconds(self, a: str, b: str) -> float:
+        pairs = zip(self.marks[a], self.marks[b], strict=True)
         if self.cuda:
-            return self.marks[a].elapsed_time(self.marks[b]) / 1e3
-        return self.marks[b] - self.marks[a]
+            return sum(x.elapsed_time(y) for x, y in pairs) / 1e3
+        return sum(y - x for x, y in pairs)
 
 
 def _tensors(output) -> list[torch.Tensor]:
@@ -122,7 +132,7 @@ def _tensors(output) -> list[torch.Tensor]:
     return []
 
 
-def hf_step(config, rows, device, ac: bool):
+def hf_step(config, rows, device, ac: bool, accum: int = 1):
     from transformers import AutoModelForImageTextToText
 
     with device:
@@ -143,9 +153,10 @@ def hf_step(config, rows, device, ac: bool):
     timer = VisionTimer(model.model.visual, device)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
+        for _ in range(accum):  # the same micro-batch again: a step of ``accum`` of them
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = model(**batch).loss / accum
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
@@ -153,7 +164,7 @@ def hf_step(config, rows, device, ac: bool):
     return step, timer
 
 
-def loom_step(config, rows, device, ac: bool, compile: bool = False):
+def loom_step(config, rows, device, ac: bool, compile: bool = False, accum: int = 1):
     from loom.dist.mesh import init_parallel
     from loom.models import build_model
     from loom.models.vlm_positions import mrope_positions
@@ -188,7 +199,7 @@ def loom_step(config, rows, device, ac: bool, compile: bool = False):
     timer = VisionTimer(model.model.visual, device)
 
     def step():
-        loss = forward_backward(model, [packed], loss_tokens, parallel)
+        loss = forward_backward(model, [packed] * accum, loss_tokens * accum, parallel)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
@@ -203,13 +214,14 @@ def run_one(args) -> dict:
     config.use_cache = False
     rows = make_rows(config, args)
     if args.system == "loom":
-        step, timer = loom_step(config, rows, device, args.ac, args.compile)
+        step, timer = loom_step(config, rows, device, args.ac, args.compile, args.accum)
     else:
-        step, timer = hf_step(config, rows, device, args.ac)
+        step, timer = hf_step(config, rows, device, args.ac, args.accum)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     steps, vision = [], []
     for i in range(args.warmup + args.steps):
         sync()
+        timer.reset()
         start = time.perf_counter()
         step()
         sync()
@@ -220,11 +232,12 @@ def run_one(args) -> dict:
                 + timer.seconds("backward_start", "backward_end")
             )
     seconds, vision_s = statistics.median(steps), statistics.median(vision)
-    tokens = sum(len(r[0]) for r in rows)
+    tokens = sum(len(r[0]) for r in rows) * args.accum
     return {
         "system": args.system,
         "shape": args.shape,
         "rows": args.rows,
+        "accum": args.accum,
         "images_per_row": args.images,
         "image_size": args.image_size,
         "text_tokens_per_row": args.text,
@@ -269,6 +282,7 @@ def main() -> None:
     parser.add_argument("--system", help=argparse.SUPPRESS)  # set for the child processes
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--rows", type=int, default=1, help="rows per forward")
+    parser.add_argument("--accum", type=int, default=1, help="forwards per optimizer step")
     parser.add_argument("--images", type=int, default=4, help="images per row")
     parser.add_argument("--image-size", type=int, default=448, help="pixels per side")
     parser.add_argument("--text", type=int, default=4096, help="text tokens per row")
