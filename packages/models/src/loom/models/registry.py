@@ -84,6 +84,19 @@ VLM_LEGACY_KEYS = (
 )
 
 
+def to_legacy_vlm_keys(tensors: dict) -> dict:
+    """The model's tensors under the older layout's names, as upstream's save_pretrained
+    writes Qwen2.5-VL (and the Hub holds it); every major reads them back."""
+    out = {}
+    for key, tensor in tensors.items():
+        if key.startswith("model.visual."):
+            key = key.removeprefix("model.")
+        elif key.startswith("model.language_model."):
+            key = "model." + key.removeprefix("model.language_model.")
+        out[key] = tensor
+    return out
+
+
 def port_hooks(model_type: str) -> PortHooks:
     factory = PORT_HOOKS_REGISTRY.get(model_type)
     return factory() if factory is not None else PortHooks()

@@ -306,7 +306,7 @@ def _train(config: Config, parallel: ParallelState) -> None:
                     raise Interrupted(f"saved {path}; run the same command to resume")
     finally:
         stop.restore()
-    export_hf(run.model, run.processor or run.tokenizer, run.out / "hf")
+    export_hf(run.model, run.processor or run.tokenizer, run.out / "hf", run.config.model.path)
     if run.log:
         run.log.close()
         plot_run(run.out)

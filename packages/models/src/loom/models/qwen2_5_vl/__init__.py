@@ -7,6 +7,7 @@ from loom.models.registry import (
     VLM_LEGACY_KEYS,
     PortHooks,
     generated_class,
+    to_legacy_vlm_keys,
 )
 
 
@@ -17,4 +18,4 @@ def qwen2_5_vl_class(architecture: str):
 
 @PORT_HOOKS_REGISTRY.register("qwen2_5_vl")
 def qwen2_5_vl_hooks() -> PortHooks:
-    return PortHooks(renames=VLM_LEGACY_KEYS)
+    return PortHooks(to_hf=to_legacy_vlm_keys, renames=VLM_LEGACY_KEYS)

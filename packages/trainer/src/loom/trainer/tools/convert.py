@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from loom.dist.export import DEFAULT_SHARD_BYTES, plan_shards, shard_names
 from loom.dist.loading import INDEX_NAME, load_targets
 from loom.trainer.errors import ConfigError
+from loom.trainer.export import export_config, export_dtype
 
 _METADATA = ".metadata"
 
@@ -104,12 +105,12 @@ def run_model_path(checkpoint: Path) -> Path:
     return Path(yaml.safe_load(config.read_text())["model"]["path"])
 
 
-def _model_on_meta(model_path: Path):
+def _model_on_meta(model_path: Path, attn_implementation: str = "eager"):
     from loom.trainer.model import build_model
 
     if not (model_path / "config.json").is_file():
         raise ConfigError(f"{model_path} has no config.json: not an HF model folder")
-    return build_model(model_path, meta=True)
+    return build_model(model_path, attn_implementation, meta=True)
 
 
 def _check_shapes(checkpoint: Path, model_path: Path, saved: dict, targets: dict) -> None:
@@ -167,10 +168,13 @@ def dcp_to_hf(
     built = _model_on_meta(model_path)
     targets = load_targets(built)  # a tied matrix once, as HF writes it
     _check_shapes(checkpoint, model_path, saved, targets)
+    config = export_config(built.config, model_path)
+    dtype = export_dtype(config)
     to_hf = port_hooks(model_type(built.config)).to_hf or dict
     outputs = {key: list(to_hf({key: t}).items()) for key, t in targets.items()}
     source = {name: key for key, outs in outputs.items() for name, _ in outs}
-    shards = plan_shards({n: t for outs in outputs.values() for n, t in outs}, max_shard_bytes)
+    hf_tensors = {n: t for outs in outputs.values() for n, t in outs}
+    shards = plan_shards(hf_tensors, max_shard_bytes, dtype)
     names = shard_names(len(shards))
     rank, world = _rank_world()
     partial = _partial(dst)
@@ -183,13 +187,13 @@ def dcp_to_hf(
             if i % world == rank:
                 needed = list(dict.fromkeys(source[k] for k in keys))
                 converted = to_hf(_read(checkpoint, needed, saved))
-                part = {k: converted[k].contiguous() for k in keys}
+                part = {k: _cast(converted[k], dtype).contiguous() for k in keys}
                 save_file(part, partial / name, metadata={"format": "pt"})
         _barrier()
         if rank == 0:
             if len(names) > 1:
-                _write_index(partial, shards, names, outputs)
-            _write_companions(built, model_path, partial)
+                _write_index(partial, shards, names, hf_tensors, dtype)
+            _write_companions(built, config, model_path, partial)
             os.replace(partial, dst)
     except BaseException:
         if rank == 0:
@@ -199,21 +203,25 @@ def dcp_to_hf(
     return dst
 
 
-def _write_index(out: Path, shards, names, outputs) -> None:
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def _write_index(out: Path, shards, names, tensors: dict, dtype) -> None:
     """The index the trainer's export writes (``loom.dist.export``)."""
-    sizes = {n: t.numel() * t.dtype.itemsize for outs in outputs.values() for n, t in outs}
+    sizes = {n: t.numel() * _cast(t, dtype).dtype.itemsize for n, t in tensors.items()}
     weight_map = {key: name for keys, name in zip(shards, names, strict=True) for key in keys}
     index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
     (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _write_companions(built, model_path: Path, out: Path) -> None:
+def _write_companions(built, config, model_path: Path, out: Path) -> None:
     """Config, generation config and tokenizer (a VLM's processor), as the export does."""
     from loom.models.registry import is_vision_language
     from loom.trainer.data.multimodal import load_processor
     from loom.trainer.model import load_tokenizer
 
-    built.config.save_pretrained(out)
+    config.save_pretrained(out)
     if getattr(built, "generation_config", None) is not None:
         built.generation_config.save_pretrained(out)
     vlm = is_vision_language(built.config)
@@ -238,7 +246,7 @@ def hf_to_dcp(src: Path, dst: Path) -> Path:
     owned = not dist.is_initialized()
     parallel = init_parallel()
     try:
-        built = _model_on_meta(src)
+        built = _model_on_meta(src, "eager")  # any family builds with eager; weights alike
         parallelize(built, parallel, memory=MemoryConfig(), parallel_config=ParallelConfig())
         materialize(built, parallel.device, init=lambda model: None)
         try:

@@ -36,7 +36,7 @@ LAYER_NUMBERS = ("mlp_only_layers",)
 # Lists of vision block numbers. A deepstack index also names a merger: the list's position.
 VISION_NUMBERS = ("deepstack_visual_indexes", "fullatt_block_indexes")
 # Files not copied: the weights (rewritten here) and any other format's copy of them.
-_WEIGHT_SUFFIXES = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".ckpt", ".h5",
+WEIGHT_SUFFIXES = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".ckpt", ".h5",
                     ".msgpack", ".gguf")  # fmt: skip
 
 _VISION = re.compile(r"(?:^|\.)(?:visual|vision_tower|vision_model)\.")
@@ -248,7 +248,7 @@ def _copy_other_files(src: Path, out: Path) -> None:
         if (
             path.is_file()
             and path.name != "config.json"
-            and not path.name.endswith(_WEIGHT_SUFFIXES)
+            and not path.name.endswith(WEIGHT_SUFFIXES)
         ):
             shutil.copy2(path, out / path.name)
 
