@@ -59,7 +59,9 @@ def main() -> None:
     size = sum(f.stat().st_size for f in (out / "dcp").glob("*.distcp")) / 2**20
     largest = SHAPE["vocab_size"] * SHAPE["hidden_size"] * 4 / 2**20
     base = max_rss_mib([sys.executable, "-c", "import torch, transformers, loom.trainer.cli"])
-    print(f"checkpoint {size:,.0f} MiB; largest tensor {largest:,.0f} MiB; baseline {base:,.0f} MiB")
+    print(
+        f"checkpoint {size:,.0f} MiB; largest tensor {largest:,.0f} MiB; baseline {base:,.0f} MiB"
+    )
     for shard in ("500MB", "5GiB"):
         dst = out / f"back-{shard}"
         peak = max_rss_mib([*loom, "dcp-to-hf", out / "dcp", dst, "--model", hf,
