@@ -229,3 +229,38 @@ def test_trainer_step_loss_equals_upstream_on_the_processor_inputs(family, paral
         logits, torch.from_numpy(labels), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     torch.testing.assert_close(got, want / n, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_layers_and_vision_blocks_change_nothing(parallel, tmp_path):
+    """``memory.compile`` compiles the decoder layers and the vision blocks: the step's
+    loss and every gradient stay those of the eager model (a row with an image and two
+    videos)."""
+    from loom.models import build_model
+    from loom.trainer.data.collate import VisionTokens
+    from loom.trainer.data.packing import build_row
+    from loom.trainer.parallelize import compile_decoder_layers
+    from loom.trainer.train import micro_step_loss, to_device
+
+    frames(tmp_path / "clip5", 5)
+    frames(tmp_path / "clip4", 4, size=(48, 32))
+    src = source(tmp_path, "qwen3_vl", [record(*CASES["image_and_videos"][0])])
+    ids, labels, vision = src.fetch(0)
+    row = build_row([(ids, labels, vision)], len(ids), pad_id=0)
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tmp_path / "qwen3_vl", attn_implementation="loom_sdpa")
+        if compiled:
+            compile_decoder_layers(model)
+        batch = to_device(
+            [row], torch.device("cpu"), parallel.sp_group, VisionTokens.of(model.config)
+        )
+        loss = micro_step_loss(model, batch, num_items=1, micro_batches=1)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert any(n.startswith("model.visual.blocks") for n in want_grads)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

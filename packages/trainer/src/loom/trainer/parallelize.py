@@ -95,10 +95,12 @@ def enable_activation_checkpointing(model: nn.Module, every: int = 1) -> None:
 
 
 def compile_decoder_layers(model: nn.Module) -> None:
-    """``torch.compile`` each decoder layer's forward. The hooks around the call (FSDP's
-    gather and reshard, activation checkpointing) stay eager; the layers share one code
-    object, so they share the compiled graph instead of compiling once each."""
-    for layer in decoder_layers(model):
+    """``torch.compile`` each decoder layer's forward, and each vision block's of a
+    vision-language model. The hooks around the call (FSDP's gather and reshard,
+    activation checkpointing) stay eager; the layers share one code object, so they share
+    the compiled graph instead of compiling once each. A vision block's attention splits
+    by image on the host (a graph break); its norms and MLP compile."""
+    for layer in [*decoder_layers(model), *vision_blocks(model)]:
         layer.forward = torch.compile(layer.forward)
 
 
