@@ -30,6 +30,7 @@ from torch.distributed.checkpoint import (
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -104,11 +105,14 @@ def save_checkpoint(
     scheduler: Any | None = None,
     data_state: dict[str, Any] | None = None,
     device: torch.device | None = None,
+    trainable_only: bool = False,
 ) -> Path:
     """Save a resumable checkpoint as ``<root>/step_<step>``; every rank calls it.
 
     ``data_state`` must be JSON-serialisable and the same on every rank (rank 0's copy is
-    kept). ``device``: where CUDA RNG state lives, if any. Returns the final folder.
+    kept). ``device``: where CUDA RNG state lives, if any. ``trainable_only``: leave the
+    frozen parameters out (LoRA: the base comes from its own checkpoint). Returns the
+    final folder.
     """
     rank = dist.get_rank()
     final, partial = checkpoint_dir(root, step), Path(root) / f".step_{step}.partial"
@@ -116,7 +120,8 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)  # a crashed earlier attempt
         partial.mkdir(parents=True)
     dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options(trainable_only))
+    model_state = _only_trainable(model, model_state) if trainable_only else model_state
     train = {
         "step": step,
         "world_size": dist.get_world_size(),
@@ -169,6 +174,7 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any | None = None,
     device: torch.device | None = None,
+    trainable_only: bool = False,
 ) -> Resumed:
     """Restore a checkpoint saved by ``save_checkpoint``, at any world size.
 
@@ -186,7 +192,9 @@ def load_checkpoint(
     saved_keys = FileSystemReader(path).read_metadata().state_dict_metadata
     if not any(key.startswith("optim.") for key in saved_keys):
         return _load_weights(path, model, saved_keys)
-    model_state, optim_state = get_state_dict(model, optimizer)
+    options = _options(trainable_only)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    model_state = _only_trainable(model, model_state) if trainable_only else model_state
     train = {"step": 0, "world_size": 0, "scheduler": "", "data": ""}
     state: dict[str, Any] = {"model": model_state, "optim": optim_state, "train": train}
     rng_key = f"rng_rank{rank}"
@@ -195,7 +203,11 @@ def load_checkpoint(
         state[rng_key] = rng_template
     dcp.load(state, checkpoint_id=path, planner=_WeightsOnlyLoadPlanner())
     set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=options,
     )
     if scheduler is not None:
         scheduler.load_state_dict(json.loads(train["scheduler"]))
@@ -203,6 +215,22 @@ def load_checkpoint(
         _set_rng_state(state[rng_key], device or torch.device("cpu"))
     restored = bool(rng_template)
     return Resumed(train["step"], json.loads(train["data"]), train["world_size"], restored)
+
+
+def _options(trainable_only: bool) -> StateDictOptions:
+    # strict off with the frozen parameters left out: they are absent by design
+    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+
+
+def _only_trainable(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """``ignore_frozen_params`` keeps a frozen matrix tied to another under its second
+    name (``lm_head.weight``): drop what no trainable parameter is named."""
+    trainable = {
+        name.replace("_checkpoint_wrapped_module.", "")
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if param.requires_grad
+    }
+    return {k: v for k, v in state.items() if k in trainable}
 
 
 def _load_weights(path: Path, model: nn.Module, saved_keys: dict[str, Any]) -> Resumed:

@@ -154,6 +154,19 @@ def _local_region(target: torch.Tensor) -> tuple[slice, ...]:
     return tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes, strict=True))
 
 
+def fill_from_full(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of the whole tensor ``full`` into ``target`` (plain or a
+    DTensor shard)."""
+    _fill(target, full[_local_region(target)])
+
+
+def add_from_full(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Add this rank's part of the whole tensor ``full`` to ``target``, in place."""
+    local = target.to_local() if isinstance(target, DTensor) else target
+    with torch.no_grad():
+        local.add_(full[_local_region(target)].to(local.dtype))
+
+
 def _fill(target: torch.Tensor, part: torch.Tensor) -> None:
     local = target.to_local() if isinstance(target, DTensor) else target
     with torch.no_grad():
@@ -173,14 +186,13 @@ def _problems(mismatched: list[str], unexpected: list[str], missing: list[str]) 
 
 
 def renamer(renames: Iterable[tuple[str, str]]) -> Callable[[str], str]:
-    """Checkpoint key -> model key: the first of ``renames`` (regex, replacement) that
-    matches, else the key itself."""
+    """Checkpoint key -> model key: each of ``renames`` (regex, replacement) in turn, on
+    what the ones before made of the key."""
     compiled = [(re.compile(pattern), replacement) for pattern, replacement in renames]
 
     def rename(key: str) -> str:
         for pattern, replacement in compiled:
-            if pattern.search(key):
-                return pattern.sub(replacement, key, count=1)
+            key = pattern.sub(replacement, key, count=1)
         return key
 
     return rename

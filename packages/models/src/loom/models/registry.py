@@ -102,12 +102,19 @@ def port_hooks(model_type: str) -> PortHooks:
     return factory() if factory is not None else PortHooks()
 
 
-def load_weights(model: PreTrainedModel, path: Path):
+def load_weights(
+    model: PreTrainedModel,
+    path: Path,
+    renames: tuple[tuple[str, str], ...] = (),
+    allow_missing: tuple[str, ...] = (),
+):
     """Fill a built port from an HF checkpoint folder as the trainer does: through the
-    port's key renames and tensor converter (``loom.dist.loading.load_safetensors``)."""
+    port's key renames (then ``renames``) and tensor converter
+    (``loom.dist.loading.load_safetensors``)."""
     hooks = port_hooks(model_type(model.config))
     converter = hooks.converter(model.config) if hooks.converter else None
-    return load_safetensors(model, Path(path), converter, renames=hooks.renames)
+    renames = (*hooks.renames, *renames)
+    return load_safetensors(model, Path(path), converter, allow_missing, renames)
 
 
 def _import_ports() -> None:

@@ -85,7 +85,7 @@ def save(run: Run) -> Path:
     root = checkpoints_root(run.out)
     path = save_checkpoint(
         root, run.step, run.model, run.optimizer, run.scheduler, data_state(run),
-        run.parallel.device,
+        run.parallel.device, trainable_only=run.config.lora.enabled,
     )  # fmt: skip
     prune(root, run.config.checkpoint.keep_last)
     return path
@@ -98,7 +98,10 @@ def resume(run: Run) -> None:
         if run.config.checkpoint.resume == "auto":
             run.console.print(f"no checkpoint in {checkpoints_root(run.out)}: starting at step 0")
         return
-    resumed = load_checkpoint(path, run.model, run.optimizer, run.scheduler, run.parallel.device)
+    resumed = load_checkpoint(
+        path, run.model, run.optimizer, run.scheduler, run.parallel.device,
+        trainable_only=run.config.lora.enabled,
+    )  # fmt: skip
     if resumed.weights_only:  # e.g. from loom convert hf-to-dcp: only the weights continue
         run.console.print(f"starting at step 0 from the weights in {path}")
         return

@@ -180,6 +180,37 @@ class ParallelConfig(Section):
         return self
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LoraConfig(Section):
+    """LoRA adapters (peft) on the text decoder's linear layers; the base model frozen."""
+
+    rank: int = Field(0, ge=0, description="adapter rank (0: LoRA off, the whole model trains)")
+    alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGETS),
+        min_length=1,
+        description="names of the decoder's linear layers that get adapters",
+    )
+    merge_on_export: bool = Field(
+        False, description="also write the merged model to hf/merged (hf/ holds the adapter)"
+    )
+
+    @model_validator(mode="after")
+    def _no_untargetable(self) -> LoraConfig:
+        # the fused loss reads lm_head's weight directly; embeddings are not linear layers
+        bad = [t for t in self.targets if t in ("lm_head", "embed_tokens")]
+        if bad:
+            raise ValueError(f"targets {bad}: only the decoder layers' linear layers take adapters")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
 class Config(Section):
     model: ModelConfig
     data: DataConfig
@@ -189,6 +220,7 @@ class Config(Section):
     parallel: ParallelConfig = ParallelConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+    lora: LoraConfig = LoraConfig()
 
     @model_validator(mode="before")
     @classmethod

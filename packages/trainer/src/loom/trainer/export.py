@@ -12,6 +12,8 @@ from transformers import AutoConfig
 from loom.dist.export import export_safetensors, full_tensor
 from loom.dist.loading import load_targets
 from loom.models.registry import model_type, port_hooks
+from loom.trainer.config import LoraConfig
+from loom.trainer.lora import export_adapter, merge_adapters_
 
 
 def export_config(config, source: Path | None):
@@ -29,12 +31,27 @@ def export_dtype(config) -> torch.dtype | None:
     return value if isinstance(value, torch.dtype) and value.is_floating_point else None
 
 
-def export_hf(model: nn.Module, tokenizer, out: Path, source: Path | None = None) -> None:
+def export_hf(
+    model: nn.Module,
+    tokenizer,
+    out: Path,
+    source: Path | None = None,
+    lora: LoraConfig | None = None,
+) -> None:
     """Safetensors (sharded with an index when large; gathered one tensor at a time, so no
     rank holds the whole model) in the dtype ``source``'s config declares, that config
-    and tokenizer (or a vision-language model's processor). Every rank calls it."""
+    and tokenizer (or a vision-language model's processor). Every rank calls it. With
+    LoRA: the adapter as peft saves it, and with ``merge_on_export`` the merged model in
+    ``out/merged``."""
     config = export_config(model.config, source)
     tensors = load_targets(model)  # a tied matrix once, as HF writes it
+    if lora is not None and lora.enabled:
+        export_adapter(model, lora, out, source)
+        if dist.get_rank() == 0:
+            tokenizer.save_pretrained(out)
+        if not lora.merge_on_export:
+            return
+        tensors, out = merge_adapters_(model, lora), out / "merged"
     to_hf = port_hooks(model_type(model.config)).to_hf
     if to_hf is not None:  # the port's layout differs from HF's: convert whole tensors
         tensors = to_hf({k: full_tensor(v) for k, v in tensors.items()})

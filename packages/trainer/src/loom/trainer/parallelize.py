@@ -25,6 +25,7 @@ from loom.models.attention import set_sequence_parallel
 from loom.models.registry import load_weights, model_type, port_hooks
 from loom.trainer.config import Config, MemoryConfig, ParallelConfig
 from loom.trainer.errors import ConfigError
+from loom.trainer.lora import adapter_names, apply_lora, base_renames, init_adapters
 from loom.trainer.memory import offload_checkpointed_inputs, tile_mlps
 from loom.trainer.model import (
     build_model,
@@ -50,11 +51,14 @@ def build_parallel_model(config: Config, parallel: ParallelState) -> nn.Module:
         model.to(parallel.device)
     if config.model.freeze_vit:
         freeze_vision(model)
+    layers = apply_lora(model, config.lora) if config.lora.enabled else []
     parallelize(model, parallel, memory=config.memory, parallel_config=config.parallel)
     if pretrained:
         # buffers kept their values; every parameter is filled from the checkpoint next
         materialize(model, parallel.device, init=lambda model: None)
-        load_weights(model, config.model.path)
+        load_weights(model, config.model.path, base_renames(layers), adapter_names(model))
+    if layers:
+        init_adapters(model, config.train.seed)
     return model
 
 

@@ -306,7 +306,8 @@ def _train(config: Config, parallel: ParallelState) -> None:
                     raise Interrupted(f"saved {path}; run the same command to resume")
     finally:
         stop.restore()
-    export_hf(run.model, run.processor or run.tokenizer, run.out / "hf", run.config.model.path)
+    tokenizer = run.processor or run.tokenizer
+    export_hf(run.model, tokenizer, run.out / "hf", run.config.model.path, run.config.lora)
     if run.log:
         run.log.close()
         plot_run(run.out)

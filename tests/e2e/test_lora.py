@@ -1,0 +1,131 @@
+"""LoRA through ``loom train`` (peft on the port, FSDP2, CPU gloo): world 2 trains as
+world 1; checkpoints hold the adapters only and resume exactly; ``hf/`` holds the adapter
+as peft loads it and ``hf/merged`` the merged model, which upstream loads and which gives
+what peft's own merge of the adapter gives; the frozen base never moves; bad targets are
+one ``error:`` line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
+from transformers import AutoConfig, AutoModelForCausalLM
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "examples/tiny"
+LORA = ["--lora.rank", "4", "--lora.alpha", "8", "--optim.lr", "1e-2",
+        "--optim.schedule", "constant", "--log.progress", "false"]  # fmt: skip
+
+
+def loom(*args) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "loom.trainer.cli", *map(str, args)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """The tiny example's model with seeded random weights, as upstream saves them."""
+    model = tmp_path_factory.mktemp("base") / "model"
+    shutil.copytree(TINY / "model", model)
+    torch.manual_seed(0)
+    upstream = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
+    upstream.save_pretrained(model, max_shard_size="100KB")
+    return model
+
+
+def train(out: Path, base: Path, nproc: int = 1, steps: int = 4, *extra) -> list[dict]:
+    done = loom(
+        "train", TINY / "train.yaml", "--model.path", base, "--train.output_dir", out,
+        "--train.steps", steps, "--nproc", nproc, *LORA, *extra,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single(base, tmp_path_factory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("single") / "run"
+    records = train(out, base, 1, 4, "--checkpoint.every", "2", "--lora.merge_on_export", "true")
+    return out, records
+
+
+@pytest.mark.slow
+def test_world_2_trains_as_world_1(base, single, tmp_path):
+    one_dir, one = single
+    two = train(tmp_path / "two", base, 2)
+    for want, got in zip(one, two, strict=True):
+        for key in ("loss", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (key, want, got)
+    want, got = (load_file(d / "hf/adapter_model.safetensors") for d in (one_dir, tmp_path / "two"))
+    assert (
+        want.keys() == got.keys() and len(want) == 2 * 7 * 2
+    )  # A, B x 7 layers x 2 decoder layers
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert any(float(t.abs().max()) > 0 for k, t in want.items() if "lora_B" in k)  # trained
+
+
+@pytest.mark.slow
+def test_checkpoint_holds_the_adapters_and_resumes_exactly(base, single, tmp_path):
+    one_dir, one = single
+    keys = FileSystemReader(one_dir / "checkpoints/step_4").read_metadata().state_dict_metadata
+    model_keys = [k for k in keys if k.startswith("model.")]
+    assert model_keys and all(".lora_A." in k or ".lora_B." in k for k in model_keys)
+    out = tmp_path / "resumed"
+    train(out, base, 1, 2, "--checkpoint.every", "2")
+    resumed = train(out, base, 1, 4, "--checkpoint.every", "2")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for want, got in zip(one, resumed, strict=True):
+        assert (got["loss"], got["grad_norm"]) == (want["loss"], want["grad_norm"]), got
+    want, got = (load_file(d / "hf/adapter_model.safetensors") for d in (one_dir, out))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_merged_export_is_peft_merge_and_the_base_is_frozen(base, single):
+    from peft import PeftModel
+
+    out, _ = single
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    source = AutoModelForCausalLM.from_pretrained(base)
+    original = {k: v.clone() for k, v in source.state_dict().items()}
+    with_adapter = PeftModel.from_pretrained(source, out / "hf")
+    merged, info = AutoModelForCausalLM.from_pretrained(out / "hf/merged", output_loading_info=True)
+    assert not any(info.values()), info
+    with torch.no_grad():
+        want, got = with_adapter(input_ids=ids).logits, merged(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    peft_merged = with_adapter.merge_and_unload().state_dict()
+    for key, value in merged.state_dict().items():
+        torch.testing.assert_close(value, peft_merged[key], rtol=1e-6, atol=1e-6, msg=key)
+        if not any(
+            f".{t}." in key
+            for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        ):
+            assert torch.equal(value, original[key]), key  # embeddings, norms: frozen
+
+
+BAD = {
+    "lm_head": (["--lora.targets", '["lm_head"]'], r"lora: .*only the decoder layers' linear layers"),
+    "unknown": (["--lora.targets", '["qkv"]'], r"lora.targets \['qkv'\]: no linear layer has these names"),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_targets_are_one_error_line(case, base, tmp_path):
+    import re
+
+    extra, expected = BAD[case]
+    done = loom("train", TINY / "train.yaml", "--model.path", base, "--train.output_dir",
+                tmp_path / "run", "--train.steps", "1", *LORA, *extra)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(expected, errors[0]), done.stderr[-2000:]
