@@ -60,8 +60,25 @@ def random_model(shape: str, device: torch.device, loom: bool, experts: str | No
         )
 
 
+def hf_peft(model, rank: int):
+    """HF + peft: LoRA on the attention and MLP projections, the base frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+
+
+def loom_lora(model, rank: int):
+    from loom.trainer.config import LoraConfig
+    from loom.trainer.lora import apply_lora
+
+    apply_lora(model, LoraConfig(rank=rank, alpha=2 * rank))
+    return model
+
+
 def hf_step_fn(model, tokens, accum: int):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
 
     def step(tokens=tokens):
         for _ in range(accum):
@@ -155,6 +172,8 @@ def run_one(args) -> dict:
     experts = "eager" if args.system == "hf-eager" else None
     model = random_model(args.shape, device, loom=args.system == "loom", experts=experts)
     fm = flop_model(model)
+    if args.lora_rank:
+        model = (loom_lora if args.system == "loom" else hf_peft)(model, args.lora_rank)
     tokens = random_tokens(args, device)
     if args.system == "liger":
         import liger_kernel.transformers as liger
@@ -217,6 +236,7 @@ def run_steps(args, step, fm, tokens) -> dict:
         "micro": args.micro,
         "activation_checkpointing": args.ac,
         "compile": args.compile,
+        **({"lora_rank": args.lora_rank} if args.lora_rank else {}),
         **({"offload": True} if args.offload else {}),
         **({"mlp_tile": args.mlp_tile} if args.mlp_tile else {}),
         **({"warmup_seq": args.warmup_seq} if args.warmup_seq else {}),
@@ -254,6 +274,7 @@ def main() -> None:
         "--warmup-seq", type=int, default=0, help="warm-up steps at this length (0: --seq)"
     )
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA (hf: + peft) of this rank")
     parser.add_argument("--micro", type=int, default=1, help="rows of --seq tokens per forward")
     parser.add_argument(
         "--memory-gib", type=float, help="cap this process's GPU memory (a smaller GPU's size)"
