@@ -56,6 +56,9 @@ def test_override_creates_nested_and_parses_yaml_values():
         (["--memory.mlp_tile", "512", "--memory.compile", "true"], "mlp_tile and memory.compile"),
         (["--memory.mlp_tile", "-1"], "config key memory.mlp_tile"),
         (["--optim.schedule", "step"], "config key optim.schedule"),
+        (["--lora.rank", "-1"], "config key lora.rank"),
+        (["--lora.targets", "[]"], "config key lora.targets"),
+        (["--lora.dropout", "1"], "config key lora.dropout"),
     ],
 )
 def test_bad_overrides_name_the_key(tmp_path, overrides, needle):
@@ -132,7 +135,7 @@ def test_print_config_shows_resolved_values(tmp_path, capsys):
     assert main(["train", str(write(tmp_path, BASE)), "--print-config", "--optim.lr", "0.5"]) == 0
     out, err = capsys.readouterr()
     printed = yaml.safe_load(out)
-    sections = ["model", "data", "train", "optim", "memory", "parallel", "checkpoint", "log"]
+    sections = ["model", "data", "train", "optim", "memory", "parallel", "checkpoint", "log", "lora"]
     assert list(printed) == sections
     assert printed["optim"]["lr"] == 0.5
     assert printed["optim"]["schedule"] == "cosine"  # a default, made visible
