@@ -59,7 +59,7 @@ def single(base, tmp_path_factory) -> tuple[Path, list[dict]]:
 @pytest.mark.slow
 def test_world_2_trains_as_world_1(base, single, tmp_path):
     one_dir, one = single
-    two = train(tmp_path / "two", base, 2)
+    two = train(tmp_path / "two", base, 2, 4, "--lora.merge_on_export", "true")
     for want, got in zip(one, two, strict=True):
         for key in ("loss", "grad_norm"):
             assert got[key] == pytest.approx(want[key], rel=1e-5), (key, want, got)
@@ -70,6 +70,10 @@ def test_world_2_trains_as_world_1(base, single, tmp_path):
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=key)
     assert any(float(t.abs().max()) > 0 for k, t in want.items() if "lora_B" in k)  # trained
+    # the merge adds each rank's part of the update into its shard of the base weight
+    want, got = (load_file(d / "hf/merged/model.safetensors") for d in (one_dir, tmp_path / "two"))
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 @pytest.mark.slow
