@@ -41,7 +41,11 @@ def max_rss_mib(command: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
-    out = parser.parse_args().out
+    parser.add_argument(
+        "--save-world", type=int, default=1, help="hf-to-dcp processes: DCP chunks per tensor"
+    )
+    args = parser.parse_args()
+    out = args.out
     shutil.rmtree(out, ignore_errors=True)
     hf = out / "hf"
     hf.mkdir(parents=True)
@@ -55,12 +59,17 @@ def main() -> None:
     )
     subprocess.run([sys.executable, "-c", make], check=True)
     loom = [sys.executable, "-m", "loom.trainer.cli", "convert"]
-    subprocess.run([*loom, "hf-to-dcp", hf, out / "dcp"], check=True, capture_output=True)
+    subprocess.run(
+        [*loom, "hf-to-dcp", hf, out / "dcp", "--nproc", str(args.save_world)],
+        check=True,
+        capture_output=True,
+    )
     size = sum(f.stat().st_size for f in (out / "dcp").glob("*.distcp")) / 2**20
     largest = SHAPE["vocab_size"] * SHAPE["hidden_size"] * 4 / 2**20
     base = max_rss_mib([sys.executable, "-c", "import torch, transformers, loom.trainer.cli"])
     print(
-        f"checkpoint {size:,.0f} MiB; largest tensor {largest:,.0f} MiB; baseline {base:,.0f} MiB"
+        f"checkpoint {size:,.0f} MiB saved at world {args.save_world}; largest tensor "
+        f"{largest:,.0f} MiB; baseline {base:,.0f} MiB"
     )
     for shard in ("500MB", "5GiB"):
         dst = out / f"back-{shard}"
