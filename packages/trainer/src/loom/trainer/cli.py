@@ -1,6 +1,7 @@
 """The ``loom`` command.
 
     loom train CONFIG [--section.key value ...] [--nproc N]
+    loom plan CONFIG [--gpus N] [--device NAME] [--section.key value ...]
     loom convert dcp-to-hf CHECKPOINT DST [--model HF_DIR] [--nproc N]
     loom convert hf-to-dcp SRC DST [--nproc N]
     loom truncate SRC DST --layers N [--vision-layers M]
@@ -51,6 +52,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     plot = commands.add_parser("plot", help="write loss.png and throughput.png of a run")
     plot.add_argument("run_dir", type=Path, help="a run's output directory")
+    plan = commands.add_parser(
+        "plan", help="per-GPU memory and speed of a config, before running it",
+        epilog="Config keys can be overridden as for train: --memory.activation_checkpointing true",
+    )  # fmt: skip
+    plan.add_argument("config", type=Path, help="YAML run config")
+    plan.add_argument("--gpus", type=int, default=1, help="GPUs the run would use")
+    plan.add_argument(
+        "--device",
+        help="a device profile (h100-sxm, h200, a100-80gb, ...; default: this machine's)",
+    )
     convert = commands.add_parser("convert", help="a Loom checkpoint to an HF folder, or back")
     kinds = convert.add_subparsers(dest="kind", required=True)
     to_hf = kinds.add_parser("dcp-to-hf", help="a training checkpoint to HF safetensors")
@@ -341,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, overrides = parser.parse_known_args(argv)
     try:
+        if args.command == "plan":
+            from loom.trainer.planner.plan import plan
+
+            print(plan(_load_config(args.config, overrides), args.gpus, args.device), end="")
+            return 0
         if args.command != "train":
             if overrides:
                 parser.error(f"unrecognized arguments: {' '.join(overrides)}")
