@@ -81,6 +81,11 @@ class TrainConfig(Section):
     nan_policy: Literal["skip", "stop"] = Field(
         "stop", description="on a non-finite loss or grad norm: skip the update, or stop"
     )
+    auto: bool = Field(
+        False,
+        description="choose micro_batch_size, activation checkpointing / offload and "
+        "sp_size to fit the GPUs (loom plan's memory model); keys set in the config win",
+    )
 
 
 class OptimConfig(Section):

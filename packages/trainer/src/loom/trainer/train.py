@@ -210,12 +210,29 @@ def _quiet_libraries() -> None:
 def train(config: Config) -> None:
     """Train ``config`` on the processes of the current launch (one, or torchrun's)."""
     _quiet_libraries()
+    if config.train.auto:
+        config = auto_config(config)
     p = config.parallel
     parallel = init_parallel(p.dp_replicate, p.dp_shard, p.sp_size, p.ep_size)
     try:
         _train(config, parallel)
     finally:
         destroy_parallel()
+
+
+def auto_config(config: Config) -> Config:
+    """``train.auto``: the config with the settings that fit this launch's GPUs (every
+    rank computes the same), printed by rank 0."""
+    from loom.models.registry import load_config
+    from loom.trainer.planner.auto import choose
+    from loom.trainer.planner.hardware import detect
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    choice = choose(config, world, detect(), load_config(config.model.path))
+    if os.environ.get("RANK", "0") == "0":
+        chosen = ", ".join(f"{k} {v}" for k, v in choice.changes.items()) or "the config as it is"
+        print(f"train.auto: {chosen} (predicted peak {choice.estimate.peak / 2**30:.1f} GiB a GPU)")
+    return choice.config
 
 
 def train_step(run: Run, stop: StopRequest) -> tuple[dict, bool]:

@@ -17,7 +17,8 @@ trainable ones: all, or the LoRA adapters; T = tokens of a micro-batch on this r
   attention output and o_proj's input (5 q), k likewise and v (4 kv), the MLP's gate, up
   and SwiGLU outputs (3 I): 2 (4 h + 5 q + 4 kv + 3 I) bytes (h hidden, q = heads x head_dim, kv = kv heads x head_dim, I intermediate; a MoE
   layer's I is top_k x the expert size, its routing buffers aside). With activation
-  checkpointing a layer keeps its input (2 h) and one layer at a time is recomputed.
+  checkpointing a layer keeps its input (2 h) and one layer at a time is recomputed;
+  with offload those inputs wait in host memory but the one in use.
 - ``loss``: the fused linear cross-entropy's buffers: about 3 bytes per token per
   vocabulary entry (measured: +1,798 MiB at 4,096 tokens x 151,936).
 
@@ -45,6 +46,7 @@ class Setup:
     fsdp: int = 1  # ranks sharing the parameters (dp x sp)
     sp: int = 1
     activation_checkpointing: bool = False
+    activation_offload: bool = False  # the checkpointed inputs wait in host memory
     lora_rank: int = 0
     lora_targets: tuple[str, ...] = ()
 
@@ -104,7 +106,9 @@ def estimate(config, setup: Setup) -> Estimate:
         per_layer = total / layers
         gathered, unsharded_grads = 2 * 2 * per_layer, 6 * 2 * trainable / layers
     per_layer_tokens = activation_bytes_per_token(config) * tokens
-    if setup.activation_checkpointing:
+    if setup.activation_checkpointing and setup.activation_offload:
+        activations = 2 * text.hidden_size * tokens + per_layer_tokens
+    elif setup.activation_checkpointing:
         activations = layers * 2 * text.hidden_size * tokens + per_layer_tokens
     else:
         activations = layers * per_layer_tokens

@@ -36,6 +36,7 @@ def setup_of(config: Config, gpus: int) -> Setup:
         fsdp=gpus // p.dp_replicate,
         sp=p.sp_size,
         activation_checkpointing=config.memory.activation_checkpointing,
+        activation_offload=config.memory.activation_offload,
         lora_rank=lora.rank,
         lora_targets=tuple(lora.targets) if lora.enabled else (),
     )

@@ -1,0 +1,99 @@
+"""``train.auto``'s rules, against the memory model: the fastest settings that fit are
+taken (no checkpointing before checkpointing, large micro-batches before small, sequence
+parallelism only when a row does not fit); keys the config sets win; the config given is
+never changed; nothing that fits is a clear error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoConfig
+
+from loom.trainer.config import load_config
+from loom.trainer.errors import ConfigError
+from loom.trainer.planner.auto import HEADROOM, choose, explicit_keys
+from loom.trainer.planner.hardware import DeviceProfile
+from loom.trainer.planner.memory import GIB, estimate
+from loom.trainer.planner.plan import setup_of
+
+SHAPE = {  # a Qwen3-1.7B-like model: exact counts come from this config
+    "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+    "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+    "head_dim": 128, "tie_word_embeddings": True,
+}  # fmt: skip
+
+
+def config_of(tmp_path: Path, overrides: list[str] = ()):
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text(json.dumps(SHAPE))
+    raw = {
+        "model": {"path": str(model)},
+        "data": {"path": "data.jsonl", "max_seq_len": 8192},
+        "train": {"output_dir": str(tmp_path / "run"), "steps": 1, "global_batch_size": 8},
+    }
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path, list(overrides)), AutoConfig.from_pretrained(model)
+
+
+def gpu(gib: float) -> DeviceProfile:
+    return DeviceProfile("test-gpu", gib, 1000.0, "nvlink")
+
+
+def test_roomy_gpu_takes_the_fastest_settings(tmp_path):
+    config, model = config_of(tmp_path)
+    choice = choose(config, 1, gpu(4000), model)
+    assert choice.config.train.micro_batch_size == 8  # the whole global batch per forward
+    assert not choice.config.memory.activation_checkpointing
+    assert choice.estimate.peak <= HEADROOM * 4000 * GIB
+
+
+def test_tighter_gpus_get_smaller_micro_batches_then_checkpointing(tmp_path):
+    config, model = config_of(tmp_path)
+    seen = []
+    for gib in (400, 120, 60, 45):
+        c = choose(config, 1, gpu(gib), model).config
+        seen.append((c.train.micro_batch_size, c.memory.activation_checkpointing))
+        # what was chosen fits, and a faster neighbour would not
+        assert estimate(model, setup_of(c, 1)).peak <= HEADROOM * gib * GIB
+    assert seen[0][0] > seen[1][0]  # a smaller micro-batch first
+    assert seen[-1][1] and not seen[0][1]  # checkpointing only where needed
+    assert [m for m, _ in seen] != sorted(m for m, _ in seen)
+
+
+def test_sequence_parallelism_only_when_one_row_does_not_fit(tmp_path):
+    config, model = config_of(
+        tmp_path, ["--data.max_seq_len", "262144", "--train.global_batch_size", "4"]
+    )
+    one = estimate(model, setup_of(config.model_copy(), 4)).components
+    choice = choose(config, 4, gpu(60), model)
+    assert choice.config.parallel.sp_size > 1
+    assert choice.changes["parallel.sp_size"] == choice.config.parallel.sp_size
+    assert one["activations"] > 0
+
+
+def test_keys_the_config_sets_win_and_the_input_is_untouched(tmp_path):
+    config, model = config_of(tmp_path, ["--memory.activation_checkpointing", "false"])
+    before = config.model_dump()
+    assert "memory.activation_checkpointing" in explicit_keys(config)
+    free = choose(config_of(tmp_path)[0], 1, gpu(45), model)
+    assert free.config.memory.activation_checkpointing  # what the rules take unbound
+    with pytest.raises(ConfigError, match="nothing fits"):  # the config's key is not flipped
+        choose(config, 1, gpu(45), model)
+    choice = choose(config, 1, gpu(50), model)
+    assert not choice.config.memory.activation_checkpointing
+    assert "memory.activation_checkpointing" not in choice.changes
+    assert config.model_dump() == before
+
+
+def test_nothing_fits_is_a_clear_error(tmp_path):
+    config, model = config_of(tmp_path)
+    with pytest.raises(
+        ConfigError,
+        match=r"train.auto: nothing fits 1 x test-gpu \(4 GiB each\): .* needs .* GiB a GPU",
+    ):
+        choose(config, 1, gpu(4), model)
