@@ -135,7 +135,17 @@ def test_print_config_shows_resolved_values(tmp_path, capsys):
     assert main(["train", str(write(tmp_path, BASE)), "--print-config", "--optim.lr", "0.5"]) == 0
     out, err = capsys.readouterr()
     printed = yaml.safe_load(out)
-    sections = ["model", "data", "train", "optim", "memory", "parallel", "checkpoint", "log", "lora"]
+    sections = [
+        "model",
+        "data",
+        "train",
+        "optim",
+        "memory",
+        "parallel",
+        "checkpoint",
+        "log",
+        "lora",
+    ]
     assert list(printed) == sections
     assert printed["optim"]["lr"] == 0.5
     assert printed["optim"]["schedule"] == "cosine"  # a default, made visible
