@@ -57,9 +57,10 @@ def single(base, tmp_path_factory) -> tuple[Path, list[dict]]:
 
 
 @pytest.mark.slow
-def test_world_2_trains_as_world_1(base, single, tmp_path):
+@pytest.mark.parametrize("layout", [[], ["--parallel.sp_size", "2"]], ids=["dp2", "sp2"])
+def test_world_2_trains_as_world_1(base, single, tmp_path, layout):
     one_dir, one = single
-    two = train(tmp_path / "two", base, 2, 4, "--lora.merge_on_export", "true")
+    two = train(tmp_path / "two", base, 2, 4, "--lora.merge_on_export", "true", *layout)
     for want, got in zip(one, two, strict=True):
         for key in ("loss", "grad_norm"):
             assert got[key] == pytest.approx(want[key], rel=1e-5), (key, want, got)
