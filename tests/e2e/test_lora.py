@@ -134,3 +134,35 @@ def test_bad_targets_are_one_error_line(case, base, tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.search(expected, errors[0]), done.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def moe_base(tmp_path_factory) -> Path:
+    """A qwen3_moe toy (experts stacked in Loom, Hub layout on disk) with the example's
+    tokenizer and seeded random weights."""
+    model = tmp_path_factory.mktemp("moe") / "model"
+    shutil.copytree(TINY / "model", model)
+    toy = json.loads((ROOT / "tests/toy_config/qwen3_moe_toy/config.json").read_text())
+    toy["vocab_size"] = AutoConfig.from_pretrained(TINY / "model").vocab_size
+    (model / "config.json").write_text(json.dumps(toy))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).save_pretrained(model)
+    return model
+
+
+@pytest.mark.slow
+def test_moe_adapters_leave_the_experts_alone_under_expert_parallelism(moe_base, tmp_path):
+    """Adapters on attention and the dense layer's MLP only (the experts are not linear
+    layers); ep 2 trains as one process; the merged export keeps every expert weight."""
+    merge = ["--lora.merge_on_export", "true"]
+    one = train(tmp_path / "one", moe_base, 1, 3, *merge)
+    two = train(tmp_path / "two", moe_base, 2, 3, "--parallel.ep_size", "2", *merge)
+    for want, got in zip(one, two, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    adapter = load_file(tmp_path / "one/hf/adapter_model.safetensors")
+    assert adapter and not any("experts" in k for k in adapter)
+    source = AutoModelForCausalLM.from_pretrained(moe_base).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "two/hf/merged").state_dict()
+    experts = [k for k in source if ".experts." in k]
+    assert experts and all(torch.equal(merged[k], source[k]) for k in experts)

@@ -56,16 +56,23 @@ def target_layers(model: nn.Module, targets: list[str]) -> list[str]:
 
 
 def apply_lora(model: nn.Module, lora: LoraConfig) -> list[str]:
-    """Wrap the target layers with LoRA (meta or real parameters alike); freeze the rest."""
+    """Wrap the target layers with peft's LoRA layer (meta or real parameters alike);
+    freeze the rest. Layer by layer, not peft's model-level injection: under transformers
+    5 that also turns targets such as ``down_proj`` into adapters on a MoE model's stacked
+    expert parameters, which the grouped GEMM reads directly."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import inject_adapter_in_model
+    from peft.tuners.lora.layer import Linear as LoraLinear
 
     layers = target_layers(model, lora.targets)
-    config = PeftLoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=layers, bias="none",
-    )  # fmt: skip
-    inject_adapter_in_model(config, model)
+    config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout)
+    for name in layers:
+        parent, _, child = name.rpartition(".")
+        module = model.get_submodule(parent)
+        wrapped = LoraLinear(
+            getattr(module, child), "default", config, r=lora.rank, lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+        )  # fmt: skip
+        setattr(module, child, wrapped)
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter(name))
     model.loom_lora_layers = layers
