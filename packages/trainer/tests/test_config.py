@@ -59,6 +59,11 @@ def test_override_creates_nested_and_parses_yaml_values():
         (["--lora.rank", "-1"], "config key lora.rank"),
         (["--lora.targets", "[]"], "config key lora.targets"),
         (["--lora.dropout", "1"], "config key lora.dropout"),
+        (["--hardware", "h100"], "did you mean h100-sxm or h100-pcie"),
+        (
+            ["--hardware", "{name: x, memory_gib: -1, bf16_tflops: 1, interconnect: pcie}"],
+            "hardware.memory_gib",
+        ),
     ],
 )
 def test_bad_overrides_name_the_key(tmp_path, overrides, needle):
@@ -145,6 +150,7 @@ def test_print_config_shows_resolved_values(tmp_path, capsys):
         "checkpoint",
         "log",
         "lora",
+        "hardware",
     ]
     assert list(printed) == sections
     assert printed["optim"]["lr"] == 0.5

@@ -88,3 +88,11 @@ def test_plan_refuses_a_gpu_count_the_layout_cannot_take(tmp_path, capsys):
     assert (
         "--gpus 3 is not a multiple of parallel.dp_replicate x sp_size" in capsys.readouterr().err
     )
+
+
+def test_plan_takes_the_configs_hardware_unless_told_otherwise(capsys):
+    config = str(ROOT / "examples/tiny/train.yaml")
+    assert main(["plan", config, "--hardware", "a100-40gb"]) == 0
+    assert "a100-40gb memory" in capsys.readouterr().out
+    assert main(["plan", config, "--hardware", "a100-40gb", "--device", "h200"]) == 0
+    assert "h200 memory" in capsys.readouterr().out

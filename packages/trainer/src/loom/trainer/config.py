@@ -226,6 +226,20 @@ class Config(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
     lora: LoraConfig = LoraConfig()
+    hardware: str | dict[str, Any] | None = Field(
+        None,
+        description="the device profile train.auto and loom plan use: auto (detected), a "
+        "built-in name (h100-sxm, h200, a100-80gb, ...), a YAML file, or a mapping of name, "
+        "memory_gib, bf16_tflops, interconnect",
+    )
+
+    @model_validator(mode="after")
+    def _hardware_is_a_profile(self) -> Config:
+        if self.hardware not in (None, "auto"):
+            from loom.trainer.planner.hardware import resolve
+
+            resolve(self.hardware)  # a malformed profile is named before anything runs
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -225,10 +225,10 @@ def auto_config(config: Config) -> Config:
     rank computes the same), printed by rank 0."""
     from loom.models.registry import load_config
     from loom.trainer.planner.auto import choose
-    from loom.trainer.planner.hardware import detect
+    from loom.trainer.planner.hardware import resolve
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    choice = choose(config, world, detect(), load_config(config.model.path))
+    choice = choose(config, world, resolve(config.hardware), load_config(config.model.path))
     if os.environ.get("RANK", "0") == "0":
         chosen = ", ".join(f"{k} {v}" for k, v in choice.changes.items()) or "the config as it is"
         print(f"train.auto: {chosen} (predicted peak {choice.estimate.peak / 2**30:.1f} GiB a GPU)")

@@ -54,12 +54,12 @@ def tokens_per_s(size: ModelSize, config, setup: Setup, device: DeviceProfile, g
 
 
 def plan(config: Config, gpus: int = 1, device: str | dict | None = None) -> str:
-    """The plan's table, as text."""
+    """The plan's table, as text; ``device`` overrides the config's ``hardware``."""
     from loom.models.registry import load_config
 
     if gpus < 1:
         raise ConfigError(f"--gpus must be at least 1, got {gpus}")
-    profile = resolve(device, key="--device")
+    profile = resolve(device, key="--device") if device else resolve(config.hardware)
     model_config = load_config(config.model.path)
     size = count_parameters(model_config)
     setup = setup_of(config, gpus)
