@@ -57,7 +57,11 @@ def single(base, tmp_path_factory) -> tuple[Path, list[dict]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [[], ["--parallel.sp_size", "2"]], ids=["dp2", "sp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [[], ["--parallel.sp_size", "2", "--memory.activation_checkpointing", "true"]],
+    ids=["dp2", "sp2-checkpointed"],
+)
 def test_world_2_trains_as_world_1(base, single, tmp_path, layout):
     one_dir, one = single
     two = train(tmp_path / "two", base, 2, 4, "--lora.merge_on_export", "true", *layout)
