@@ -71,7 +71,7 @@ def tests(session: nox.Session, transformers: str) -> None:
         # Resolved afresh: transformers v4 needs older huggingface-hub and tokenizers.
         editable = [arg for pkg in PACKAGES for arg in ("-e", f"packages/{pkg}")]
         session.install(
-            *editable, "pytest", "pytest-timeout", "pytest-xdist", "tensorboard",
+            *editable, "pytest", "pytest-timeout", "pytest-xdist", "tensorboard", "torchao",
             f"transformers=={transformers}",
             env={"UV_NO_CONFIG": "1"},  # the root's constraints pin the locked version
         )  # fmt: skip

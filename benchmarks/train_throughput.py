@@ -21,6 +21,8 @@ of ``loom.trainer.flops`` (6*N + 6*L*H*d*T per token); peak memory is
   reduce, per-block compile with ``--compile``, full AC with ``--ac``), its cross-entropy
   and fused AdamW (``peers/torchtitan_step.py`` says which code path and why); its causal
   SDPA attention module (its FlexAttention default autotunes for minutes per shape).
+- ``--lora-rank R``: hf is HF + peft (the base in bf16, fp32 adapters, autocast); loom is
+  the trainer's LoRA (the frozen base in bf16; ``--qlora``: in NF4).
 - loom: Loom's port of the model (fused kernels, fused linear cross-entropy,
   loom_sdpa attention) through the trainer's code path (FSDP2 bf16 params / fp32
   reduce, its loss normalisation, its optimizer), at world size 1.
@@ -60,19 +62,27 @@ def random_model(shape: str, device: torch.device, loom: bool, experts: str | No
         )
 
 
-def hf_peft(model, rank: int):
-    """HF + peft: LoRA on the attention and MLP projections, the base frozen."""
+def hf_peft(model, rank: int, qlora: bool = False):
+    """HF + peft as its users run LoRA: the base loaded in bf16 and frozen, adapters on the
+    attention and MLP projections (fp32, peft's default), bf16 autocast."""
     from peft import LoraConfig, get_peft_model
 
+    if qlora:
+        raise SystemExit("hf: no QLoRA peer here (bitsandbytes is not in the GPU image)")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model.to(torch.bfloat16)
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
 
 
-def loom_lora(model, rank: int):
+def loom_lora(model, rank: int, qlora: bool = False):
+    """The trainer's LoRA: adapters (fp32), the frozen base in bf16 or, QLoRA, NF4."""
     from loom.trainer.config import LoraConfig
-    from loom.trainer.lora import apply_lora
+    from loom.trainer.lora import apply_lora, quantize_base, store_frozen
 
     apply_lora(model, LoraConfig(rank=rank, alpha=2 * rank))
+    store_frozen(model, torch.bfloat16)
+    if qlora:
+        quantize_base(model)
     return model
 
 
@@ -173,7 +183,8 @@ def run_one(args) -> dict:
     model = random_model(args.shape, device, loom=args.system == "loom", experts=experts)
     fm = flop_model(model)
     if args.lora_rank:
-        model = (loom_lora if args.system == "loom" else hf_peft)(model, args.lora_rank)
+        lora = loom_lora if args.system == "loom" else hf_peft
+        model = lora(model, args.lora_rank, args.qlora)
     tokens = random_tokens(args, device)
     if args.system == "liger":
         import liger_kernel.transformers as liger
@@ -237,6 +248,7 @@ def run_steps(args, step, fm, tokens) -> dict:
         "activation_checkpointing": args.ac,
         "compile": args.compile,
         **({"lora_rank": args.lora_rank} if args.lora_rank else {}),
+        **({"qlora": True} if args.qlora else {}),
         **({"offload": True} if args.offload else {}),
         **({"mlp_tile": args.mlp_tile} if args.mlp_tile else {}),
         **({"warmup_seq": args.warmup_seq} if args.warmup_seq else {}),
@@ -275,6 +287,7 @@ def main() -> None:
     )
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--lora-rank", type=int, default=0, help="LoRA (hf: + peft) of this rank")
+    parser.add_argument("--qlora", action="store_true", help="loom: the LoRA base in NF4")
     parser.add_argument("--micro", type=int, default=1, help="rows of --seq tokens per forward")
     parser.add_argument(
         "--memory-gib", type=float, help="cap this process's GPU memory (a smaller GPU's size)"

@@ -124,12 +124,15 @@ def test_merged_export_is_peft_merge_and_the_base_is_frozen(base, single):
 BAD = {
     "lm_head": (["--lora.targets", '["lm_head"]'], r"lora: .*only the decoder layers' linear layers"),
     "unknown": (["--lora.targets", '["qkv"]'], r"lora.targets \['qkv'\]: no linear layer has these names"),
+    "qlora-on-cpu": (["--lora.quantize", "nf4"], r"lora.quantize: nf4 \(QLoRA\) runs on a CUDA GPU only"),
 }  # fmt: skip
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_targets_are_one_error_line(case, base, tmp_path):
+def test_bad_lora_settings_are_one_error_line(case, base, tmp_path):
+    if case == "qlora-on-cpu" and torch.cuda.is_available():
+        pytest.skip("the refusal is the CPU's; test_qlora_trains_on_the_gpu covers CUDA")
     import re
 
     extra, expected = BAD[case]
@@ -170,3 +173,44 @@ def test_moe_adapters_leave_the_experts_alone_under_expert_parallelism(moe_base,
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "two/hf/merged").state_dict()
     experts = [k for k in source if ".experts." in k]
     assert experts and all(torch.equal(merged[k], source[k]) for k in experts)
+
+
+@pytest.fixture(scope="module")
+def nf4_base(tmp_path_factory) -> Path:
+    """The tiny example widened so every projection is whole NF4 groups (64 x 256)."""
+    model = tmp_path_factory.mktemp("nf4") / "model"
+    shutil.copytree(TINY / "model", model)
+    config = json.loads((model / "config.json").read_text())
+    config |= {"hidden_size": 128, "intermediate_size": 256, "num_key_value_heads": 4,
+               "head_dim": 32}  # fmt: skip
+    (model / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).save_pretrained(model)
+    return model
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA runs on CUDA only")
+def test_qlora_trains_on_the_gpu(nf4_base, tmp_path):
+    """QLoRA follows LoRA on the same base within NF4's rounding, learns, keeps only the
+    adapters in its checkpoints, resumes to the same numbers, and its merged export
+    (the dequantized base plus the update) loads in upstream."""
+    lora = train(tmp_path / "lora", nf4_base, 1, 6)
+    nf4 = ["--lora.quantize", "nf4", "--checkpoint.every", "3", "--lora.merge_on_export", "true"]
+    qlora = train(tmp_path / "qlora", nf4_base, 1, 6, *nf4)
+    assert qlora[0]["loss"] == pytest.approx(lora[0]["loss"], rel=0.02)
+    assert qlora[-1]["loss"] < qlora[0]["loss"] - 0.5, qlora
+    keys = FileSystemReader(tmp_path / "qlora/checkpoints/step_6").read_metadata()
+    model_keys = [k for k in keys.state_dict_metadata if k.startswith("model.")]
+    assert model_keys and all(".lora_A." in k or ".lora_B." in k for k in model_keys)
+    train(tmp_path / "resumed", nf4_base, 1, 3, *nf4)
+    resumed = train(tmp_path / "resumed", nf4_base, 1, 6, *nf4)
+    for want, got in zip(qlora[3:], resumed[3:], strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4), (want, got)
+    merged, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "qlora/hf/merged", output_loading_info=True
+    )
+    assert not any(info.values()), info
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(merged(input_ids=ids).logits).all()

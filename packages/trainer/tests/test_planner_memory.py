@@ -16,7 +16,15 @@ from loom.models import build_model
 from loom.trainer.cli import main
 from loom.trainer.config import LORA_TARGETS, LoraConfig
 from loom.trainer.lora import apply_lora, is_adapter
-from loom.trainer.planner.memory import Setup, activation_bytes_per_token, estimate, lora_parameters
+from loom.trainer.planner.memory import (
+    NF4_BYTES,
+    Setup,
+    activation_bytes_per_token,
+    estimate,
+    lora_parameters,
+    targeted_weights,
+)
+from loom.trainer.planner.size import count_parameters
 
 ROOT = Path(__file__).resolve().parents[3]
 TOY = ROOT / "tests/toy_config"
@@ -51,8 +59,21 @@ def test_components_follow_the_layout():
     assert ac.components["activations"] == layers * 2 * config.hidden_size * 256 + per_token * 256
     lora = estimate(config, Setup(seq=256, lora_rank=4, lora_targets=tuple(LORA_TARGETS)))
     assert lora.components["optimizer"] < one.components["optimizer"] / 10
-    assert lora.components["params"] == one.components["params"]  # the base is still held
-    for e in (one, four, sp, ac, lora):
+    total = count_parameters(config).total
+    adapters = lora_parameters(config, 4, tuple(LORA_TARGETS))
+    # the base is still held, frozen in bf16; QLoRA holds the targeted weights in NF4
+    assert lora.components["params"] == 4 * adapters + 2 * (total - adapters)
+    qlora = estimate(
+        config,
+        Setup(seq=256, lora_rank=4, lora_targets=tuple(LORA_TARGETS), lora_quantize=True),
+    )
+    quantized, largest = targeted_weights(config, tuple(LORA_TARGETS))
+    assert largest == config.hidden_size * config.intermediate_size
+    assert qlora.components["params"] == int(
+        4 * adapters + 2 * (total - adapters - quantized) + NF4_BYTES * quantized
+    )
+    assert qlora.components["gathered"] == 2 * (total - quantized) + 2 * largest
+    for e in (one, four, sp, ac, lora, qlora):
         static = sum(e.components[k] for k in ("params", "gathered", "optimizer"))
         forward = static + e.components["activations"] + e.components["loss"]
         assert e.peak == max(forward, static + e.components["grads"])

@@ -32,6 +32,7 @@ def apply_fsdp(
     cpu_offload: bool = False,
     experts: Iterable[nn.Module] = (),
     expert_mesh: DeviceMesh | None = None,
+    ignored: set[nn.Parameter] | None = None,
 ) -> nn.Module:
     """``fully_shard`` every module in ``layers`` and then ``model`` itself, over ``mesh``.
 
@@ -40,20 +41,23 @@ def apply_fsdp(
     (``ParallelState.expert_fsdp_mesh``), so the layer that contains them leaves them
     alone. Pass the dense mesh as ``ParallelState.fsdp_mesh``. Gradients of experts and
     dense parameters are then both the objective's gradient divided by ``mesh.size()``.
+    ``ignored`` parameters (frozen, e.g. quantized) stay whole where they are, unsharded.
     """
     experts = list(experts)
     if experts and expert_mesh is None:
         raise ValueError("apply_fsdp: experts were given without an expert_mesh to shard over")
     # Pinned host memory needs a CUDA driver; without one (CPU runs) plain memory serves.
     policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-    offload = {"offload_policy": policy} if cpu_offload else {}
+    extra: dict = {"offload_policy": policy} if cpu_offload else {}
+    if ignored:
+        extra["ignored_params"] = ignored
     for module in experts:
         fully_shard(
             module,
             mesh=expert_mesh,
             mp_policy=mp_policy,
             reshard_after_forward=reshard_after_forward,
-            **offload,
+            **extra,
         )
         # An expert's gradient already sums the tokens of its whole ep group (the
         # all-to-all backward brought them); FSDP would average it over the expert mesh
@@ -70,8 +74,8 @@ def apply_fsdp(
             mesh=mesh,
             mp_policy=mp_policy,
             reshard_after_forward=reshard_after_forward,
-            **offload,
+            **extra,
         )
     # The root keeps its parameters after forward: backward starts with them anyway.
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False, **offload)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False, **extra)
     return model

@@ -202,6 +202,11 @@ class LoraConfig(Section):
     merge_on_export: bool = Field(
         False, description="also write the merged model to hf/merged (hf/ holds the adapter)"
     )
+    quantize: Literal["none", "nf4"] = Field(
+        "none",
+        description="nf4: QLoRA, the targeted layers' frozen weights in 4-bit NF4 (torchao; "
+        "one CUDA GPU)",
+    )
 
     @model_validator(mode="after")
     def _no_untargetable(self) -> LoraConfig:
@@ -209,6 +214,8 @@ class LoraConfig(Section):
         bad = [t for t in self.targets if t in ("lm_head", "embed_tokens")]
         if bad:
             raise ValueError(f"targets {bad}: only the decoder layers' linear layers take adapters")
+        if self.quantize != "none" and not self.enabled:
+            raise ValueError(f"quantize: {self.quantize} is QLoRA: it needs lora.rank > 0")
         return self
 
     @property

@@ -8,8 +8,16 @@ on ``lm_head``) run on the frozen base as before. A wrapped layer's weight becom
 ``init_adapters`` draws each adapter whole from the seed and the parameter's name (A as
 peft does, B zeros), so every rank and every world size starts from the same adapters.
 
+On the GPU the frozen base is stored in bf16, the dtype it computes in: it is never
+updated, so it needs no fp32 master copy (half the memory, the same bf16 values FSDP would
+cast to). With ``lora.quantize: nf4`` (QLoRA) the targeted layers' base weights are
+torchao's ``NF4Tensor`` (4-bit NormalFloat in blocks of 64, their scales in 8 bits per
+block of 256: about 0.52 bytes a weight), dequantized to bf16 one layer at a time in
+forward and backward; FSDP2 leaves them out (``ignored_params``). QLoRA runs on one CUDA
+GPU; anything else is refused by name (``check_qlora``).
+
 Checkpoints keep the adapters and their optimizer state only; the base is read from
-``model.path`` again on resume. The export writes the adapter as peft saves it
+``model.path`` again on resume (and quantized again, the same way). The export writes the adapter as peft saves it
 (``adapter_model.safetensors``, ``adapter_config.json``) and, with
 ``lora.merge_on_export``, the merged model to ``hf/merged``.
 """
@@ -79,6 +87,64 @@ def apply_lora(model: nn.Module, lora: LoraConfig) -> list[str]:
     return layers
 
 
+def store_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """Frozen floating-point parameters stored in ``dtype`` (meta or real alike)."""
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+QLORA_CPU = (
+    "lora.quantize: nf4 (QLoRA) runs on a CUDA GPU only; on the CPU use plain LoRA "
+    "(lora.quantize: none)"
+)
+
+
+def check_qlora(device: torch.device, world_size: int) -> None:
+    """QLoRA's limits, each refused by name before anything is built."""
+    if device.type != "cuda":
+        raise ConfigError(QLORA_CPU)
+    if world_size != 1:
+        raise ConfigError(
+            f"lora.quantize: nf4 (QLoRA) runs on one GPU; this run has {world_size} ranks. "
+            "Sharding the 4-bit base over several GPUs is not proven yet: use plain LoRA there"
+        )
+    try:
+        import torchao.quantization  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "lora.quantize: nf4 needs torchao: pip install 'loom-trainer[qlora]'"
+        ) from None
+
+
+NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256
+
+
+def quantize_base(model: nn.Module) -> None:
+    """Each LoRA layer's base weight (real, bf16) -> torchao's NF4 tensor, in place; the
+    bf16 copy is freed layer by layer."""
+    from torchao.quantization import to_nf4
+
+    for layer in model.loom_lora_layers:
+        base = model.get_submodule(layer).base_layer
+        if base.weight.numel() % (NF4_BLOCK * NF4_SCALER_BLOCK):
+            raise ConfigError(
+                f"lora.quantize: nf4: {layer} has {base.weight.numel()} weights; NF4 quantizes "
+                f"in groups of {NF4_BLOCK} x {NF4_SCALER_BLOCK} = {NF4_BLOCK * NF4_SCALER_BLOCK}"
+            )
+        weight = base.weight.detach().to(torch.bfloat16)
+        base.weight = nn.Parameter(to_nf4(weight, NF4_BLOCK, NF4_SCALER_BLOCK), False)
+
+
+def is_nf4(param: torch.Tensor) -> bool:
+    return type(param.data).__name__ == "NF4Tensor"
+
+
+def quantized_weights(model: nn.Module) -> set[nn.Parameter]:
+    """The NF4 parameters, which FSDP leaves alone."""
+    return {p for p in model.parameters() if is_nf4(p)}
+
+
 def base_renames(layers: list[str]) -> tuple[tuple[str, str], ...]:
     """HF checkpoint key of a wrapped layer -> its ``base_layer`` parameter."""
     return tuple((rf"^{re.escape(n)}\.(weight|bias)$", rf"{n}.base_layer.\1") for n in layers)
@@ -136,6 +202,10 @@ def merge_adapters_(model: nn.Module, lora: LoraConfig) -> dict[str, torch.Tenso
     """Add each layer's update (B @ A times alpha / rank) into its base weight, in place
     (at the end of a run); the merged model's tensors under HF's names."""
     scale = lora.alpha / lora.rank
+    for layer in model.loom_lora_layers:
+        base = model.get_submodule(layer).base_layer
+        if is_nf4(base.weight):  # QLoRA: merge in fp32 into the dequantized base
+            base.weight = nn.Parameter(base.weight.get_original_weight().float(), False)
     params = dict(model.named_parameters())
     for layer in model.loom_lora_layers:
         a = full_tensor(params[f"{layer}.lora_A.default.weight"]).float()

@@ -25,7 +25,16 @@ from loom.models.attention import set_sequence_parallel
 from loom.models.registry import load_weights, model_type, port_hooks
 from loom.trainer.config import Config, MemoryConfig, ParallelConfig
 from loom.trainer.errors import ConfigError
-from loom.trainer.lora import adapter_names, apply_lora, base_renames, init_adapters
+from loom.trainer.lora import (
+    adapter_names,
+    apply_lora,
+    base_renames,
+    check_qlora,
+    init_adapters,
+    quantize_base,
+    quantized_weights,
+    store_frozen,
+)
 from loom.trainer.memory import offload_checkpointed_inputs, tile_mlps
 from loom.trainer.model import (
     build_model,
@@ -45,6 +54,9 @@ def build_parallel_model(config: Config, parallel: ParallelState) -> nn.Module:
     initialises the whole model from the same seed and keeps its shard.
     """
     pretrained = has_weights(config.model.path)
+    qlora = config.lora.quantize == "nf4"
+    if qlora:
+        check_qlora(parallel.device, parallel.world_size)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model.path, config.model.attn_implementation, meta=pretrained)
     if not pretrained:
@@ -52,6 +64,16 @@ def build_parallel_model(config: Config, parallel: ParallelState) -> nn.Module:
     if config.model.freeze_vit:
         freeze_vision(model)
     layers = apply_lora(model, config.lora) if config.lora.enabled else []
+    if layers:
+        store_frozen(model, mixed_precision(parallel.device).param_dtype)
+    if qlora:
+        # The base is quantized whole, before sharding: load it first (one GPU, so the
+        # bf16 model fits where its 4-bit copy will live).
+        if pretrained:
+            materialize(model, parallel.device, init=lambda model: None)
+            load_weights(model, config.model.path, base_renames(layers), adapter_names(model))
+            pretrained = False
+        quantize_base(model)
     parallelize(model, parallel, memory=config.memory, parallel_config=config.parallel)
     if pretrained:
         # buffers kept their values; every parameter is filled from the checkpoint next
@@ -148,4 +170,5 @@ def shard_model(
         cpu_offload=cpu_offload,
         experts=experts,
         expert_mesh=parallel.expert_fsdp_mesh if experts else None,
+        ignored=quantized_weights(model),
     )

@@ -4,10 +4,13 @@ What one rank holds, in bytes (N = the FSDP size, dp x sp; P = parameters, P_t =
 trainable ones: all, or the LoRA adapters; T = tokens of a micro-batch on this rank,
 ``micro_batch_size * max_seq_len / sp``):
 
-- ``params``: fp32 master weights, sharded: 4 P / N.
+- ``params``: fp32 master weights, sharded: 4 P / N. With LoRA the frozen base is stored
+  in bf16 (2 bytes, sharded); with QLoRA the targeted layers' weights are NF4, about
+  0.52 bytes each (``NF4_BYTES``), whole on the GPU (FSDP leaves them out).
 - ``gathered``: the bf16 copy FSDP gathers for compute. At N = 1 the whole model is one
-  group kept gathered through the step (2 P); else two layers at a time (the one
-  computing and the one prefetched) plus the embedding and head.
+  group kept gathered through the step (2 bytes a parameter FSDP manages); else two layers
+  at a time (the one computing and the one prefetched) plus the embedding and head. QLoRA
+  adds the bf16 weight of the one layer being dequantized.
 - ``optimizer``: AdamW's two fp32 states, sharded: 8 P_t / N.
 - ``grads``: fp32 sharded gradients (4 P_t / N) and, as the backward ends, the group
   being reduced: its bf16 unsharded gradients and their fp32 copy for the reduce-scatter
@@ -35,6 +38,8 @@ from loom.trainer.planner.size import count_parameters
 
 GIB = 2**30
 LOSS_BYTES_PER_LOGIT = 3.0
+# 4 bits a weight, an 8-bit scale per block of 64, an fp32 factor per 256 blocks
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class Setup:
     activation_offload: bool = False  # the checkpointed inputs wait in host memory
     lora_rank: int = 0
     lora_targets: tuple[str, ...] = ()
+    lora_quantize: bool = False  # QLoRA: the targeted layers' base weights in NF4
 
 
 @dataclass(frozen=True)
@@ -64,17 +70,29 @@ def _text(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def lora_parameters(config, rank: int, targets: tuple[str, ...]) -> int:
-    """r x (in + out) per targeted projection, in every decoder layer."""
+def _target_shapes(config) -> dict[str, tuple[int, int]]:
+    """(in, out) of each linear layer LoRA can target in a decoder layer."""
     text = _text(config)
-    h, layers = text.hidden_size, text.num_hidden_layers
+    h = text.hidden_size
     head_dim = getattr(text, "head_dim", None) or h // text.num_attention_heads
     q = text.num_attention_heads * head_dim
     kv = text.num_key_value_heads * head_dim
     inter = text.intermediate_size
-    sizes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-             "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}  # fmt: skip
-    return layers * sum(rank * sum(sizes[t]) for t in targets if t in sizes)
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}  # fmt: skip
+
+
+def lora_parameters(config, rank: int, targets: tuple[str, ...]) -> int:
+    """r x (in + out) per targeted projection, in every decoder layer."""
+    shapes = _target_shapes(config)
+    per_layer = sum(rank * sum(shapes[t]) for t in targets if t in shapes)
+    return _text(config).num_hidden_layers * per_layer
+
+
+def targeted_weights(config, targets: tuple[str, ...]) -> tuple[int, int]:
+    """The targeted layers' base weights: in all decoder layers, and the largest one."""
+    sizes = [i * o for t, (i, o) in _target_shapes(config).items() if t in targets]
+    return _text(config).num_hidden_layers * sum(sizes), max(sizes, default=0)
 
 
 def activation_bytes_per_token(config) -> int:
@@ -100,11 +118,17 @@ def estimate(config, setup: Setup) -> Estimate:
     )
     n, layers = setup.fsdp, text.num_hidden_layers
     tokens = setup.micro * setup.seq // setup.sp
+    frozen = total - trainable
+    quantized, largest = (
+        targeted_weights(config, setup.lora_targets) if setup.lora_quantize else (0, 0)
+    )
+    params = (4 * trainable + 2 * (frozen - quantized)) / n + NF4_BYTES * quantized
+    managed = total - quantized  # what FSDP gathers
     if n == 1:
-        gathered, unsharded_grads = 2 * total, 6 * trainable
+        gathered, unsharded_grads = 2 * managed, 6 * trainable
     else:
-        per_layer = total / layers
-        gathered, unsharded_grads = 2 * 2 * per_layer, 6 * 2 * trainable / layers
+        gathered, unsharded_grads = 2 * 2 * managed / layers, 6 * 2 * trainable / layers
+    gathered += 2 * largest  # QLoRA: one layer's weight dequantized to bf16
     per_layer_tokens = activation_bytes_per_token(config) * tokens
     if setup.activation_checkpointing and setup.activation_offload:
         activations = 2 * text.hidden_size * tokens + per_layer_tokens
@@ -113,7 +137,7 @@ def estimate(config, setup: Setup) -> Estimate:
     else:
         activations = layers * per_layer_tokens
     components = {
-        "params": 4 * total // n,
+        "params": int(params),
         "gathered": int(gathered),
         "optimizer": 8 * trainable // n,
         "grads": 4 * trainable // n + int(unsharded_grads),

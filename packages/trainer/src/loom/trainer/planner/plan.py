@@ -39,6 +39,7 @@ def setup_of(config: Config, gpus: int) -> Setup:
         activation_offload=config.memory.activation_offload,
         lora_rank=lora.rank,
         lora_targets=tuple(lora.targets) if lora.enabled else (),
+        lora_quantize=lora.quantize == "nf4",
     )
 
 
