@@ -142,6 +142,8 @@ def main() -> None:
     )
     parser.add_argument("--offload", action="store_true", help="loom: inputs in host memory")
     parser.add_argument("--mlp-tile", type=int, default=0, help="loom: tokens per MLP tile")
+    parser.add_argument("--lora-rank", type=int, default=0, help="loom: LoRA of this rank")
+    parser.add_argument("--qlora", action="store_true", help="loom: the LoRA base in NF4")
     parser.add_argument("--lengths", help="probe these lengths (comma-separated), no search")
     parser.add_argument(
         "--alloc-conf", default=ALLOC_CONF, help="PYTORCH_CUDA_ALLOC_CONF, every system alike"
@@ -156,6 +158,8 @@ def main() -> None:
         ["--mlp-tile", str(args.mlp_tile)] if args.mlp_tile else []
     )
     loom_flags += ["--progress", str(args.progress)] if args.progress else []
+    loom_flags += ["--lora-rank", str(args.lora_rank)] if args.lora_rank else []
+    loom_flags += ["--qlora"] if args.qlora else []
     for system in args.systems.split(","):
 
         def probe_fn(seq, system=system):
