@@ -57,6 +57,9 @@ def child(args) -> None:
     from loom.trainer.train import forward_backward
 
     device = torch.device("cuda")
+    if args.memory_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2**30 / total))
     torch.manual_seed(0)
     model = random_model(args.shape, device, loom=True)
     if args.mode != "full":
@@ -103,8 +106,13 @@ def child(args) -> None:
                 break
 
 
-def auto_choice(shape: str, seq: int, rows: int, mode: str, lora_rank: int) -> dict:
-    """What train.auto picks for this run on this device (its profile detected)."""
+def auto_choice(
+    shape: str, seq: int, rows: int, mode: str, lora_rank: int, memory_gib: float | None
+) -> dict:
+    """What train.auto picks for this run on this device (its profile detected; its
+    memory ``memory_gib`` where capped)."""
+    import dataclasses
+
     from transformers import AutoConfig
 
     from loom.trainer.config import Config
@@ -122,7 +130,10 @@ def auto_choice(shape: str, seq: int, rows: int, mode: str, lora_rank: int) -> d
             **({"lora": lora} if mode != "full" else {}),
         })  # fmt: skip
         try:
-            chosen = choose(config, 1, resolve("auto"), model_config).config
+            profile = resolve("auto")
+            if memory_gib:
+                profile = dataclasses.replace(profile, memory_gib=memory_gib)
+            chosen = choose(config, 1, profile, model_config).config
         except ConfigError as err:
             return {"ac": None, "offload": None, "micro": None, "error": str(err)}
     return {"ac": chosen.memory.activation_checkpointing,
@@ -137,7 +148,8 @@ def predicted_gib(shape: str, row: dict, lora_rank: int) -> tuple[float, dict]:
     from loom.trainer.planner.memory import GIB, Setup, estimate
 
     lora = row["mode"] != "full"
-    setup = Setup(seq=row["seq"], micro=row["micro"], activation_checkpointing=row["ac"],
+    setup = Setup(seq=row["seq"], micro=row["micro"], accum=row["accum"],
+                  activation_checkpointing=row["ac"],
                   lora_rank=lora_rank if lora else 0,
                   lora_targets=tuple(LORA_TARGETS) if lora else (),
                   lora_quantize=row["mode"] == "qlora")  # fmt: skip
@@ -153,6 +165,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4, help="rows per optimizer step")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per setting")
     parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--memory-gib", type=float, help="cap the GPU (and auto's profile)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--shape", help=argparse.SUPPRESS)  # the child's
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -169,14 +182,16 @@ def main() -> None:
             command = [sys.executable, __file__, "--shape", shape, "--mode", mode,
                        "--seq", str(args.seq), "--rows", str(args.rows),
                        "--steps", str(args.steps), "--lora-rank", str(args.lora_rank)]  # fmt: skip
+            command += ["--memory-gib", str(args.memory_gib)] if args.memory_gib else []
             done = subprocess.run(command, capture_output=True, text=True)
             rows = [json.loads(x[4:]) for x in done.stdout.splitlines() if x.startswith("ROW ")]
             if done.returncode:
                 print(f"| {shape} | {mode} | error: {done.stderr.strip()[-300:]} |", flush=True)
-            auto = auto_choice(shape, args.seq, args.rows, mode, args.lora_rank)
+            auto = auto_choice(shape, args.seq, args.rows, mode, args.lora_rank, args.memory_gib)
             ran = [r for r in rows if "tokens_per_s" in r]
             best = max((r["tokens_per_s"] for r in ran), default=0)
             for row in rows:
+                row["memory_gib"] = args.memory_gib
                 row["predicted_gib"], row["components_gib"] = predicted_gib(
                     shape, row, args.lora_rank
                 )

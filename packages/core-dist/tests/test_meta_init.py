@@ -27,3 +27,12 @@ def test_buffers_keep_their_values_through_materialize():
     with torch.no_grad():
         module.weight.fill_(1.0)
     assert module(torch.tensor([3])).sum().item() == 4 * 8.0
+
+
+def test_tied_parameters_stay_tied_through_materialize():
+    with meta_parameters():
+        model = nn.ModuleDict({"embed": nn.Embedding(10, 4), "head": nn.Linear(4, 10, bias=False)})
+    model["head"].weight = model["embed"].weight
+    materialize(model, torch.device("cpu"))
+    assert model["head"].weight is model["embed"].weight and not model["head"].weight.is_meta
+    assert len(list(model.parameters())) == 1

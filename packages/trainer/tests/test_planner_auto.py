@@ -1,5 +1,6 @@
-"""``train.auto``'s rules, against the memory model: the fastest settings that fit are
-taken (no checkpointing before checkpointing, large micro-batches before small, sequence
+"""``train.auto``'s rules, against the memory model: of the settings that fit, the one
+``relative_speed`` ranks fastest is taken (large micro-batches and no checkpointing where
+they fit, checkpointing where it buys a longer forward of a narrow model, sequence
 parallelism only when a row does not fit); keys the config sets win; the config given is
 never changed; nothing that fits is a clear error."""
 
@@ -14,9 +15,9 @@ from transformers import AutoConfig
 
 from loom.trainer.config import load_config
 from loom.trainer.errors import ConfigError
-from loom.trainer.planner.auto import HEADROOM, choose, explicit_keys
+from loom.trainer.planner.auto import HEADROOM, choose, explicit_keys, relative_speed
 from loom.trainer.planner.hardware import DeviceProfile
-from loom.trainer.planner.memory import GIB, estimate
+from loom.trainer.planner.memory import GIB, Setup, estimate
 from loom.trainer.planner.plan import setup_of
 
 SHAPE = {  # a Qwen3-1.7B-like model: exact counts come from this config
@@ -67,7 +68,7 @@ def test_tighter_gpus_get_smaller_micro_batches_then_checkpointing(tmp_path):
 
 def test_sequence_parallelism_only_when_one_row_does_not_fit(tmp_path):
     config, model = config_of(
-        tmp_path, ["--data.max_seq_len", "262144", "--train.global_batch_size", "4"]
+        tmp_path, ["--data.max_seq_len", "1048576", "--train.global_batch_size", "4"]
     )
     one = estimate(model, setup_of(config.model_copy(), 4)).components
     choice = choose(config, 4, gpu(60), model)
@@ -84,7 +85,7 @@ def test_keys_the_config_sets_win_and_the_input_is_untouched(tmp_path):
     assert free.config.memory.activation_checkpointing  # what the rules take unbound
     with pytest.raises(ConfigError, match="nothing fits"):  # the config's key is not flipped
         choose(config, 1, gpu(45), model)
-    choice = choose(config, 1, gpu(50), model)
+    choice = choose(config, 1, gpu(55), model)
     assert not choice.config.memory.activation_checkpointing
     assert "memory.activation_checkpointing" not in choice.changes
     assert config.model_dump() == before
@@ -97,3 +98,17 @@ def test_nothing_fits_is_a_clear_error(tmp_path):
         match=r"train.auto: nothing fits 1 x test-gpu \(4 GiB each\): .* needs .* GiB a GPU",
     ):
         choose(config, 1, gpu(4), model)
+
+
+def test_speed_weighs_checkpointing_against_short_forwards():
+    """Narrow models need long forwards to fill the GPU (a bigger micro-batch with
+    checkpointing wins); wide ones are full at one row (no checkpointing wins)."""
+    one, four_ac = Setup(seq=4096), Setup(seq=4096, micro=4, activation_checkpointing=True)
+    assert relative_speed(four_ac, 1024) > relative_speed(one, 1024)
+    two_ac = Setup(seq=4096, micro=2, activation_checkpointing=True)
+    assert relative_speed(one, 4096) > relative_speed(two_ac, 4096)
+    lora = Setup(seq=4096, lora_rank=16)
+    assert relative_speed(lora, 2048) < relative_speed(one, 2048)  # less work per token
+    assert relative_speed(Setup(seq=4096, lora_rank=16, lora_quantize=True), 2048) < (
+        relative_speed(lora, 2048)
+    )

@@ -87,10 +87,19 @@ def materialize(
     """Allocate a meta-device model on ``device`` (only each rank's shards) and initialise it.
 
     Buffers that hold values (built under ``meta_parameters``) keep them. ``init(model)``
-    fills the rest; by default every submodule's ``reset_parameters()`` runs.
+    fills the rest; by default every submodule's ``reset_parameters()`` runs. A parameter
+    shared by several modules (tied embeddings) stays one parameter: ``to_empty`` would
+    give each module its own copy where FSDP has not already made them one.
     """
     kept = {name: buf for name, buf in model.named_buffers() if not buf.is_meta}
+    shared: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            shared.setdefault(id(param), []).append((module, name))
     model.to_empty(device=device)
+    for (first, first_name), *others in (users for users in shared.values() if len(users) > 1):
+        for module, name in others:
+            setattr(module, name, getattr(first, first_name))
     with torch.no_grad():
         for name, buf in kept.items():
             model.get_buffer(name).copy_(buf)

@@ -1,10 +1,10 @@
 """``train.auto``: the settings a run takes to fit its devices, chosen from the memory model.
 
-Candidates are tried fastest first and the first whose predicted peak stays within
-``HEADROOM`` of the device's memory is taken: no activation checkpointing before
-checkpointing, checkpointing before offloading its inputs to the host, the largest
-micro-batch that divides each rank's share of the global batch before smaller ones, and
-sequence parallelism (over more of the GPUs) only when one row does not fit otherwise.
+Of the candidates whose predicted peak stays within ``HEADROOM`` of the device's memory,
+the one ``relative_speed`` ranks fastest is taken: micro-batches that divide each rank's
+share of the global batch, with and without activation checkpointing (and offloading its
+inputs to the host); sequence parallelism (over more of the GPUs) only when one row does
+not fit otherwise.
 Keys the config sets itself (in the file or on the command line) are never changed;
 the config given is never mutated: a new one is returned with the changes listed.
 """
@@ -18,10 +18,19 @@ from typing import Any
 from loom.trainer.config import Config
 from loom.trainer.errors import ConfigError
 from loom.trainer.planner.hardware import DeviceProfile
-from loom.trainer.planner.memory import GIB, Estimate, estimate
+from loom.trainer.planner.memory import GIB, Estimate, Setup, estimate
 from loom.trainer.planner.plan import setup_of
 
-HEADROOM = 0.9  # the allocator's fragmentation and what the model does not count
+HEADROOM = 0.93  # the allocator's fragmentation and what the model does not count (it is
+# within 6% of measured peaks: benchmarks/RESULTS.md, 2026-12-06)
+# A forward of T tokens runs at T / (T + T0) of full speed: fixed costs per forward
+# (launches, FSDP's gathers, QLoRA's dequantization) weigh on short ones. T0 is
+# SATURATION / hidden size tokens, more for LoRA (no weight gradients: less work per token)
+# and QLoRA; checkpointing recomputes the forward, offload adds host copies. Calibrated on
+# the H100 grid of benchmarks/memory_model.py (benchmarks/RESULTS.md, 2026-12-06).
+SATURATION = 2**22
+LORA_SATURATION, QLORA_SATURATION = 1.5, 3.0
+AC_SPEED, OFFLOAD_SPEED = 0.8, 0.9
 # (section, key) the rules may choose
 CHOSEN = {
     ("memory", "activation_checkpointing"),
@@ -63,28 +72,48 @@ def _micro_batches(config: Config, gpus: int, sp: int) -> list[int]:
     return [m for m in range(limit, 0, -1) if (rows // dp) % m == 0 and rows % dp == 0] or [1]
 
 
+def relative_speed(setup: Setup, hidden_size: int) -> float:
+    """How fast a step runs under ``setup``, relative to the others (HEADROOM's comment)."""
+    t0 = SATURATION / hidden_size
+    if setup.lora_rank:
+        t0 *= QLORA_SATURATION if setup.lora_quantize else LORA_SATURATION
+    tokens = setup.micro * setup.seq / setup.sp
+    speed = tokens / (tokens + t0)
+    speed *= AC_SPEED if setup.activation_checkpointing else 1.0
+    return speed * (OFFLOAD_SPEED if setup.activation_offload else 1.0)
+
+
 def choose(config: Config, gpus: int, profile: DeviceProfile, model_config) -> Choice:
     """The fastest candidate that fits (module docstring); ``ConfigError`` when none does."""
     budget = HEADROOM * profile.memory_bytes
+    hidden = (model_config.get_text_config() if hasattr(model_config, "get_text_config")
+              else model_config).hidden_size  # fmt: skip
     sps = [s for s in (1, 2, 4, 8, 16) if gpus % (s * config.parallel.dp_replicate) == 0]
-    best = None
-    for sp, ac, offload in itertools.product(
-        _options(config, "parallel.sp_size", sps),
-        _options(config, "memory.activation_checkpointing", [False, True]),
-        _options(config, "memory.activation_offload", [False, True]),
-    ):
-        if offload and not ac:
-            continue
-        for micro in _options(config, "train.micro_batch_size", _micro_batches(config, gpus, sp)):
-            changes = {"parallel.sp_size": sp, "memory.activation_checkpointing": ac,
-                       "memory.activation_offload": offload, "train.micro_batch_size": micro}  # fmt: skip
-            candidate = _with(config, changes)
-            result = estimate(model_config, setup_of(candidate, gpus))
-            if result.peak <= budget:
-                return Choice(candidate, _changed(config, changes), result)
-            if best is None or result.peak < best[1].peak:
-                best = (changes, result)
-    changes, result = best
+    smallest = None
+    for sp in _options(config, "parallel.sp_size", sps):
+        fits = []
+        for ac, offload in itertools.product(
+            _options(config, "memory.activation_checkpointing", [False, True]),
+            _options(config, "memory.activation_offload", [False, True]),
+        ):
+            if offload and not ac:
+                continue
+            for micro in _options(
+                config, "train.micro_batch_size", _micro_batches(config, gpus, sp)
+            ):
+                changes = {"parallel.sp_size": sp, "memory.activation_checkpointing": ac,
+                           "memory.activation_offload": offload, "train.micro_batch_size": micro}  # fmt: skip
+                candidate = _with(config, changes)
+                setup = setup_of(candidate, gpus)
+                result = estimate(model_config, setup)
+                if result.peak <= budget:
+                    fits.append((relative_speed(setup, hidden), candidate, changes, result))
+                elif smallest is None or result.peak < smallest[1].peak:
+                    smallest = (changes, result)
+        if fits:
+            _, candidate, changes, result = max(fits, key=lambda fit: fit[0])
+            return Choice(candidate, _changed(config, changes), result)
+    changes, result = smallest
     raise ConfigError(
         f"train.auto: nothing fits {gpus} x {profile.name} ({profile.memory_gib:g} GiB each): "
         f"the smallest step ({_describe(changes)}) needs {result.peak / GIB:.1f} GiB a GPU; "

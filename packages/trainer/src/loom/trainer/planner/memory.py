@@ -12,21 +12,26 @@ trainable ones: all, or the LoRA adapters; T = tokens of a micro-batch on this r
   at a time (the one computing and the one prefetched) plus the embedding and head. QLoRA
   adds the bf16 weight of the one layer being dequantized.
 - ``optimizer``: AdamW's two fp32 states, sharded: 8 P_t / N.
-- ``grads``: fp32 sharded gradients (4 P_t / N) and, as the backward ends, the group
-  being reduced: its bf16 unsharded gradients and their fp32 copy for the reduce-scatter
-  (6 bytes a parameter; the whole model's at N = 1).
-- ``activations``: what a decoder layer saves for its backward, per token, in bf16: its
-  two norms' inputs and outputs (4 h), q before and after its norm and rotary, the
-  attention output and o_proj's input (5 q), k likewise and v (4 kv), the MLP's gate, up
-  and SwiGLU outputs (3 I): 2 (4 h + 5 q + 4 kv + 3 I) bytes (h hidden, q = heads x head_dim, kv = kv heads x head_dim, I intermediate; a MoE
-  layer's I is top_k x the expert size, its routing buffers aside). With activation
+- ``grads``: fp32 sharded gradients (4 P_t / N) and, as the backward ends, the unsharded
+  bf16 gradients being reduced: the whole model's at N = 1 (2 P_t; there the
+  reduce-scatter needs no second copy), else the group being reduced and its fp32 copy
+  (6 bytes a parameter of two layers).
+- ``activations``: what a decoder layer saves for its backward, per token, in bf16:
+  2 (4 h + 3 q + 3.5 kv + 3 I) bytes (h hidden, q = heads x head_dim, kv = kv heads x
+  head_dim, I intermediate; a MoE layer's I is top_k x the expert size, its routing
+  buffers aside): the norms' inputs and outputs, q and k before and after their norm and
+  rotary and the attention output, v, the MLP's gate, up and SwiGLU outputs. The
+  coefficients are fitted to the measured slopes of two Qwen3 widths (benchmarks/
+  memory_model.py, RESULTS.md 2026-12-06: within 3% of both). With activation
   checkpointing a layer keeps its input (2 h) and one layer at a time is recomputed;
   with offload those inputs wait in host memory but the one in use.
-- ``loss``: the fused linear cross-entropy's buffers: about 3 bytes per token per
-  vocabulary entry (measured: +1,798 MiB at 4,096 tokens x 151,936).
+- ``loss``: the fused linear cross-entropy's buffers, as ``loss_bytes`` plans them from
+  the kernel's own chunking: a logits chunk, ``d hidden``, and ``d weight`` when
+  ``lm_head`` trains.
 
-The step's peak is the larger of the forward's end (static + activations + loss) and the
-backward's end (static + both gradient copies), static being params, gathered and
+The step's peak is the larger of the forward's end (static, the sharded gradients of
+earlier micro-batches when the step accumulates, activations and loss) and the
+backward's end (static and both gradient copies), static being params, gathered and
 optimizer state.
 """
 
@@ -37,7 +42,6 @@ from dataclasses import dataclass, field
 from loom.trainer.planner.size import count_parameters
 
 GIB = 2**30
-LOSS_BYTES_PER_LOGIT = 3.0
 # 4 bits a weight, an 8-bit scale per block of 64, an fp32 factor per 256 blocks
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 
@@ -48,6 +52,7 @@ class Setup:
 
     seq: int  # tokens per row (data.max_seq_len)
     micro: int = 1  # rows per forward (train.micro_batch_size)
+    accum: int = 1  # forwards per optimizer step on this rank
     fsdp: int = 1  # ranks sharing the parameters (dp x sp)
     sp: int = 1
     activation_checkpointing: bool = False
@@ -106,7 +111,26 @@ def activation_bytes_per_token(config) -> int:
     experts = getattr(text, "num_experts", 0) or getattr(text, "num_local_experts", 0)
     if experts:
         inter = text.num_experts_per_tok * (getattr(text, "moe_intermediate_size", None) or inter)
-    return 2 * (4 * h + 5 * q + 4 * kv + 3 * inter)
+    return int(2 * (4 * h + 3 * q + 3.5 * kv + 3 * inter))
+
+
+def loss_bytes(config, tokens: int, needs_dw: bool) -> int:
+    """What the fused linear cross-entropy holds (``loom.kernels.linear_cross_entropy``
+    plans its chunks from the same sizes): its bf16 logits chunk, ``d hidden``, and
+    ``d weight`` when ``lm_head`` trains (fp32 when it sums several chunks); in two
+    passes, the weight pass's block buffer too."""
+    import torch
+
+    from loom.kernels.linear_cross_entropy import plan_chunks
+
+    text = _text(config)
+    vocab, h = text.vocab_size, text.hidden_size
+    weight = torch.empty(vocab, h, dtype=torch.bfloat16, device="meta")
+    chunk, block = plan_chunks(tokens, h, weight, needs_dw=needs_dw)
+    held = 2 * chunk * vocab + 2 * tokens * h
+    if block is not None:
+        return held + 2 * tokens * block + (2 * vocab * h if needs_dw else 0)
+    return held + ((4 if chunk < tokens else 2) * vocab * h if needs_dw else 0)
 
 
 def estimate(config, setup: Setup) -> Estimate:
@@ -125,7 +149,7 @@ def estimate(config, setup: Setup) -> Estimate:
     params = (4 * trainable + 2 * (frozen - quantized)) / n + NF4_BYTES * quantized
     managed = total - quantized  # what FSDP gathers
     if n == 1:
-        gathered, unsharded_grads = 2 * managed, 6 * trainable
+        gathered, unsharded_grads = 2 * managed, 2 * trainable
     else:
         gathered, unsharded_grads = 2 * 2 * managed / layers, 6 * 2 * trainable / layers
     gathered += 2 * largest  # QLoRA: one layer's weight dequantized to bf16
@@ -142,9 +166,11 @@ def estimate(config, setup: Setup) -> Estimate:
         "optimizer": 8 * trainable // n,
         "grads": 4 * trainable // n + int(unsharded_grads),
         "activations": int(activations),
-        "loss": int(LOSS_BYTES_PER_LOGIT * tokens * text.vocab_size),
+        "loss": loss_bytes(config, tokens, needs_dw=not setup.lora_rank),
     }
     static = components["params"] + components["gathered"] + components["optimizer"]
-    forward_end = static + components["activations"] + components["loss"]
+    # With accumulation the sharded gradients of the micro-batches before are held too.
+    held_grads = 4 * trainable // n if setup.accum > 1 else 0
+    forward_end = static + held_grads + components["activations"] + components["loss"]
     backward_end = static + components["grads"]
     return Estimate(components, max(forward_end, backward_end))

@@ -30,9 +30,14 @@ def setup_of(config: Config, gpus: int) -> Setup:
             f"({p.dp_replicate} x {p.sp_size})"
         )
     lora = config.lora
+    rows, dp = config.global_rows(), gpus // p.sp_size
+    micro = config.train.micro_batch_size
+    # rows per step unknown (a token budget): assume accumulation, the larger peak
+    accum = 2 if rows is None else max(rows // (dp * micro), 1)
     return Setup(
         seq=config.data.max_seq_len,
-        micro=config.train.micro_batch_size,
+        micro=micro,
+        accum=accum,
         fsdp=gpus // p.dp_replicate,
         sp=p.sp_size,
         activation_checkpointing=config.memory.activation_checkpointing,
