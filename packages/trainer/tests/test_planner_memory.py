@@ -73,7 +73,11 @@ def test_components_follow_the_layout():
         4 * adapters + 2 * (total - adapters - quantized) + NF4_BYTES * quantized
     )
     assert qlora.components["gathered"] == 2 * (total - quantized) + 2 * largest
-    for e in (one, four, sp, ac, lora, qlora):
+    tiled = estimate(config, Setup(seq=256, mlp_tile=64))
+    width = 2 * 3 * config.intermediate_size
+    assert tiled.components["activations"] == layers * (per_token * 256 - width * (256 - 64))
+    assert estimate(config, Setup(seq=256, mlp_tile=512)).components == one.components
+    for e in (one, four, sp, ac, lora, qlora, tiled):
         static = sum(e.components[k] for k in ("params", "gathered", "optimizer"))
         forward = static + e.components["activations"] + e.components["loss"]
         assert e.peak == max(forward, static + e.components["grads"])

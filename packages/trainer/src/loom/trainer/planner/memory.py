@@ -24,7 +24,8 @@ trainable ones: all, or the LoRA adapters; T = tokens of a micro-batch on this r
   coefficients are fitted to the measured slopes of two Qwen3 widths (benchmarks/
   memory_model.py, RESULTS.md 2026-12-06: within 3% of both). With activation
   checkpointing a layer keeps its input (2 h) and one layer at a time is recomputed;
-  with offload those inputs wait in host memory but the one in use.
+  with offload those inputs wait in host memory but the one in use. With MLP tiles the
+  MLP's 3 I are held for one tile of tokens only.
 - ``loss``: the fused linear cross-entropy's buffers, as ``loss_bytes`` plans them from
   the kernel's own chunking: a logits chunk, ``d hidden``, and ``d weight`` when
   ``lm_head`` trains.
@@ -57,6 +58,7 @@ class Setup:
     sp: int = 1
     activation_checkpointing: bool = False
     activation_offload: bool = False  # the checkpointed inputs wait in host memory
+    mlp_tile: int = 0  # tokens per MLP tile (memory.mlp_tile; 0: the whole sequence)
     lora_rank: int = 0
     lora_targets: tuple[str, ...] = ()
     lora_quantize: bool = False  # QLoRA: the targeted layers' base weights in NF4
@@ -100,6 +102,16 @@ def targeted_weights(config, targets: tuple[str, ...]) -> tuple[int, int]:
     return _text(config).num_hidden_layers * sum(sizes), max(sizes, default=0)
 
 
+def _mlp_width(config) -> int:
+    text = _text(config)
+    experts = getattr(text, "num_experts", 0) or getattr(text, "num_local_experts", 0)
+    if experts:
+        return text.num_experts_per_tok * (
+            getattr(text, "moe_intermediate_size", None) or text.intermediate_size
+        )
+    return text.intermediate_size
+
+
 def activation_bytes_per_token(config) -> int:
     """bf16 bytes one decoder layer saves per token for its backward (docstring)."""
     text = _text(config)
@@ -107,11 +119,7 @@ def activation_bytes_per_token(config) -> int:
     head_dim = getattr(text, "head_dim", None) or h // text.num_attention_heads
     q = text.num_attention_heads * head_dim
     kv = text.num_key_value_heads * head_dim
-    inter = text.intermediate_size
-    experts = getattr(text, "num_experts", 0) or getattr(text, "num_local_experts", 0)
-    if experts:
-        inter = text.num_experts_per_tok * (getattr(text, "moe_intermediate_size", None) or inter)
-    return int(2 * (4 * h + 3 * q + 3.5 * kv + 3 * inter))
+    return int(2 * (4 * h + 3 * q + 3.5 * kv + 3 * _mlp_width(config)))
 
 
 def loss_bytes(config, tokens: int, needs_dw: bool) -> int:
@@ -154,6 +162,8 @@ def estimate(config, setup: Setup) -> Estimate:
         gathered, unsharded_grads = 2 * 2 * managed / layers, 6 * 2 * trainable / layers
     gathered += 2 * largest  # QLoRA: one layer's weight dequantized to bf16
     per_layer_tokens = activation_bytes_per_token(config) * tokens
+    if 0 < setup.mlp_tile < tokens:  # the MLP keeps its input; a tile's rest is transient
+        per_layer_tokens -= 2 * 3 * _mlp_width(config) * (tokens - setup.mlp_tile)
     if setup.activation_checkpointing and setup.activation_offload:
         activations = 2 * text.hidden_size * tokens + per_layer_tokens
     elif setup.activation_checkpointing:

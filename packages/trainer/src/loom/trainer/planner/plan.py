@@ -42,6 +42,7 @@ def setup_of(config: Config, gpus: int) -> Setup:
         sp=p.sp_size,
         activation_checkpointing=config.memory.activation_checkpointing,
         activation_offload=config.memory.activation_offload,
+        mlp_tile=config.memory.mlp_tile,
         lora_rank=lora.rank,
         lora_targets=tuple(lora.targets) if lora.enabled else (),
         lora_quantize=lora.quantize == "nf4",
