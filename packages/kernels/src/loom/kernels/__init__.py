@@ -7,6 +7,12 @@ imported on first use, never by importing this package.
 
 from loom.kernels.attention import varlen_attention, varlen_attention_reference
 from loom.kernels.dispatch import BACKEND_ENV, choose_backend
+from loom.kernels.linear_attention import (
+    causal_conv1d,
+    causal_conv1d_reference,
+    gated_delta_rule,
+    gated_delta_rule_reference,
+)
 from loom.kernels.linear_cross_entropy import (
     fused_linear_cross_entropy,
     linear_cross_entropy_reference,
@@ -30,10 +36,14 @@ __all__ = [
     "TokenRouting",
     "apply_rotary",
     "apply_rotary_reference",
+    "causal_conv1d",
+    "causal_conv1d_reference",
     "choose_backend",
     "fused_linear_cross_entropy",
     "fused_moe_forward",
     "fused_moe_reference",
+    "gated_delta_rule",
+    "gated_delta_rule_reference",
     "grouped_mm",
     "grouped_mm_reference",
     "linear_cross_entropy_reference",
