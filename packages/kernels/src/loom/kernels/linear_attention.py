@@ -14,7 +14,7 @@ The gated delta rule, per value head, with q and k L2-normalised and q scaled by
     o_t = S^T q_t
 
 ``g`` is the log of the decay (negative), ``beta`` the write strength in [0, 1]. The
-reference runs that recurrence in fp32, token by token; the kernel runs its chunked form.
+reference runs that recurrence in fp32 (or fp64), token by token; the kernel runs its chunked form.
 """
 
 from __future__ import annotations
@@ -101,12 +101,14 @@ def gated_delta_rule_reference(
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The recurrence of the module docstring, in fp32; autograd gives the backward."""
+    """The recurrence of the module docstring, in fp32 (fp64 inputs: in fp64); autograd
+    gives the backward."""
     groups = v.shape[2] // q.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q = F.normalize(q.float(), dim=-1, eps=1e-6).repeat_interleave(groups, dim=2) * scale
-    k = F.normalize(k.float(), dim=-1, eps=1e-6).repeat_interleave(groups, dim=2)
-    vf, decay, beta = v.float(), g.float().exp(), beta.float()
+    dtype = torch.promote_types(v.dtype, torch.float32)
+    q = F.normalize(q.to(dtype), dim=-1, eps=1e-6).repeat_interleave(groups, dim=2) * scale
+    k = F.normalize(k.to(dtype), dim=-1, eps=1e-6).repeat_interleave(groups, dim=2)
+    vf, decay, beta = v.to(dtype), g.to(dtype).exp(), beta.to(dtype)
     batch, length, heads, _ = k.shape
     outputs = []
     for start, end in _segments(length, cu_seqlens):
