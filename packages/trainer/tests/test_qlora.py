@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig
 
 from loom.models import build_model
-from loom.trainer.config import LoraConfig
+from loom.trainer.config import Config, LoraConfig
 from loom.trainer.errors import ConfigError
 from loom.trainer.lora import (
     QLORA_CPU,
@@ -105,6 +105,26 @@ def check_nf4(original: torch.Tensor, values: torch.Tensor, name: str) -> None:
     assert (scale_got / scale_want - 1).abs().mean() < 0.004, name
 
 
+def test_checkpointing_and_mlp_tiles_compose_with_the_nf4_base():
+    """Recomputed layers and tiled MLPs dequantize again in backward: same numbers."""
+    from loom.trainer.memory import tile_mlps
+    from loom.trainer.parallelize import enable_activation_checkpointing
+
+    model = port()
+    quantize_base(model)
+    memory_saving = copy.deepcopy(model)
+    enable_activation_checkpointing(memory_saving)
+    tile_mlps(memory_saving, 8)
+    memory_saving.train()
+    model.train()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    want_loss, want = loss_and_grads(model, ids)
+    got_loss, got = loss_and_grads(memory_saving, ids)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_nf4_storage_is_about_half_a_byte_a_weight():
     model = port()
     quantize_base(model)
@@ -138,3 +158,10 @@ def test_limits_are_refused_by_name():
         quantize_base(model)
     with pytest.raises(ValueError, match=r"needs lora\.rank > 0"):
         LoraConfig(quantize="nf4")
+    raw = {"model": {"path": "m"}, "data": {"path": "d.jsonl"},
+           "train": {"output_dir": "o", "steps": 1, "global_batch_size": 1},
+           "lora": {"rank": 4, "quantize": "nf4"}}  # fmt: skip
+    Config.model_validate(raw)
+    for section, key in (("memory", "compile"), ("parallel", "cpu_offload")):
+        with pytest.raises(ValueError, match=f"nf4 with {section}.{key} is not proven yet"):
+            Config.model_validate(raw | {section: {key: True}})

@@ -241,6 +241,18 @@ class Config(Section):
     )
 
     @model_validator(mode="after")
+    def _qlora_composes(self) -> Config:
+        if self.lora.quantize == "nf4":
+            for key, on in (("memory.compile", self.memory.compile),
+                            ("parallel.cpu_offload", self.parallel.cpu_offload)):  # fmt: skip
+                if on:
+                    raise ValueError(
+                        f"lora.quantize: nf4 with {key} is not proven yet (torchao's NF4 "
+                        f"weights under it): turn {key} off for QLoRA"
+                    )
+        return self
+
+    @model_validator(mode="after")
     def _hardware_is_a_profile(self) -> Config:
         if self.hardware not in (None, "auto"):
             from loom.trainer.planner.hardware import resolve
