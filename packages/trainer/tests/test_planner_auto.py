@@ -15,10 +15,17 @@ from transformers import AutoConfig
 
 from loom.trainer.config import load_config
 from loom.trainer.errors import ConfigError
-from loom.trainer.planner.auto import HEADROOM, choose, explicit_keys, relative_speed
+from loom.trainer.planner.auto import (
+    HEADROOM,
+    choose,
+    explicit_keys,
+    lora_rank_for,
+    relative_speed,
+)
 from loom.trainer.planner.hardware import DeviceProfile
 from loom.trainer.planner.memory import GIB, Setup, estimate
 from loom.trainer.planner.plan import setup_of
+from loom.trainer.planner.size import count_parameters
 
 SHAPE = {  # a Qwen3-1.7B-like model: exact counts come from this config
     "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
@@ -112,3 +119,70 @@ def test_speed_weighs_checkpointing_against_short_forwards():
     assert relative_speed(Setup(seq=4096, lora_rank=16, lora_quantize=True), 2048) < (
         relative_speed(lora, 2048)
     )
+
+
+def shaped(hidden: int, layers: int, inter: int) -> dict:
+    return {"model_type": "llama", "vocab_size": 32000, "hidden_size": hidden,
+            "intermediate_size": inter, "num_hidden_layers": layers,
+            "num_attention_heads": hidden // 128, "num_key_value_heads": 8}  # fmt: skip
+
+
+def test_lora_rank_auto_grows_with_the_model():
+    ranks = []
+    for shape in (shaped(2048, 28, 6144), shaped(5120, 40, 13824), shaped(5120, 64, 27648),
+                  shaped(8192, 80, 28672)):  # fmt: skip
+        config = AutoConfig.for_model(**shape)
+        ranks.append((count_parameters(config).category.value, lora_rank_for(config)))
+    assert [c for c, _ in ranks] == ["small", "medium", "large", "xlarge"]
+    values = [r for _, r in ranks]
+    assert values == sorted(values) and len(set(values)) == 4
+    assert all(8 <= r <= 256 and r % 4 == 0 for r in values)
+
+
+def test_lora_rank_auto_under_train_auto(tmp_path):
+    config, model = config_of(tmp_path, ["--lora.rank", "auto"])
+    before = config.model_dump()
+    roomy = choose(config, 1, gpu(4000), model)
+    assert roomy.config.lora.rank == lora_rank_for(model) == 16  # a 1.7B model: small
+    assert roomy.config.lora.alpha == 32.0 and roomy.changes["lora.rank"] == 16
+    assert config.model_dump() == before and config.lora.rank == "auto"
+    kept = choose(config_of(tmp_path, ["--lora.rank", "auto", "--lora.alpha", "8"])[0], 1,
+                  gpu(4000), model)  # fmt: skip
+    assert kept.config.lora.alpha == 8.0 and "lora.alpha" not in kept.changes
+    fixed = choose(config_of(tmp_path, ["--lora.rank", "4"])[0], 1, gpu(4000), model)
+    assert fixed.config.lora.rank == 4 and "lora.rank" not in fixed.changes
+
+
+def test_lora_rank_auto_halves_where_memory_is_short(tmp_path, monkeypatch):
+    import loom.trainer.planner.auto as auto
+
+    config, model = config_of(tmp_path, ["--lora.rank", "auto"])
+    monkeypatch.setitem(auto.LORA_RANKS, count_parameters(model).category, 256)
+    least = ["--memory.activation_checkpointing", "true", "--memory.activation_offload",
+             "true", "--train.micro_batch_size", "1"]  # fmt: skip
+
+    def smallest(rank: int) -> float:
+        return estimate(
+            model, setup_of(config_of(tmp_path, ["--lora.rank", str(rank), *least])[0], 1)
+        ).peak
+
+    # a device between the two ranks' smallest steps: 256 does not fit anywhere, 128 does
+    device = (smallest(256) + smallest(128)) / 2 / HEADROOM / GIB
+    choice = choose(config, 1, gpu(device), model)
+    assert choice.config.lora.rank == 128 and choice.changes["lora.rank"] == 128
+    assert choice.config.lora.alpha == 256.0
+    with pytest.raises(ConfigError, match="nothing fits"):
+        choose(config, 1, gpu(1), model)
+
+
+def test_lora_rank_auto_without_train_auto(tmp_path):
+    from loom.trainer.train import auto_lora_rank
+
+    config, model = config_of(tmp_path, ["--lora.rank", "auto"])
+    resolved = auto_lora_rank(config)
+    assert (resolved.lora.rank, resolved.lora.alpha) == (lora_rank_for(model), 32.0)
+    assert config.lora.rank == "auto"
+    with pytest.raises(
+        ConfigError, match=r"lora.rank: .*must be 0 \(off\), a positive rank or auto"
+    ):
+        config_of(tmp_path, ["--lora.rank", "-2"])

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from loom.trainer.data.sources import first_bad_line
 from loom.trainer.data.streaming import first_record_problem, stream_shards
@@ -191,8 +198,14 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class LoraConfig(Section):
     """LoRA adapters (peft) on the text decoder's linear layers; the base model frozen."""
 
-    rank: int = Field(0, ge=0, description="adapter rank (0: LoRA off, the whole model trains)")
-    alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / rank")
+    rank: int | Literal["auto"] = Field(
+        0,
+        description="adapter rank (0: LoRA off, the whole model trains; auto: by the model's "
+        "size, halved where the GPUs are short of memory under train.auto)",
+    )
+    alpha: float = Field(
+        16.0, gt=0, description="the update is scaled by alpha / rank (rank auto: 2 x rank)"
+    )
     dropout: float = Field(0.0, ge=0, lt=1)
     targets: list[str] = Field(
         default_factory=lambda: list(LORA_TARGETS),
@@ -208,6 +221,13 @@ class LoraConfig(Section):
         "one CUDA GPU)",
     )
 
+    @field_validator("rank")
+    @classmethod
+    def _rank_off_positive_or_auto(cls, rank: int | str) -> int | str:
+        if isinstance(rank, int) and rank < 0:
+            raise ValueError(f"must be 0 (off), a positive rank or auto; got {rank}")
+        return rank
+
     @model_validator(mode="after")
     def _no_untargetable(self) -> LoraConfig:
         # the fused loss reads lm_head's weight directly; embeddings are not linear layers
@@ -220,7 +240,7 @@ class LoraConfig(Section):
 
     @property
     def enabled(self) -> bool:
-        return self.rank > 0
+        return self.rank == "auto" or self.rank > 0
 
 
 class Config(Section):

@@ -53,6 +53,8 @@ def build_parallel_model(config: Config, parallel: ParallelState) -> nn.Module:
     HF's layout differs): no rank ever holds the whole model. Otherwise every rank
     initialises the whole model from the same seed and keeps its shard.
     """
+    if config.lora.rank == "auto":
+        raise ConfigError("lora.rank auto is resolved when the run starts (loom train)")
     pretrained = has_weights(config.model.path)
     qlora = config.lora.quantize == "nf4"
     if qlora:

@@ -212,6 +212,8 @@ def train(config: Config) -> None:
     _quiet_libraries()
     if config.train.auto:
         config = auto_config(config)
+    elif config.lora.rank == "auto":
+        config = auto_lora_rank(config)
     p = config.parallel
     parallel = init_parallel(p.dp_replicate, p.dp_shard, p.sp_size, p.ep_size)
     try:
@@ -233,6 +235,17 @@ def auto_config(config: Config) -> Config:
         chosen = ", ".join(f"{k} {v}" for k, v in choice.changes.items()) or "the config as it is"
         print(f"train.auto: {chosen} (predicted peak {choice.estimate.peak / 2**30:.1f} GiB a GPU)")
     return choice.config
+
+
+def auto_lora_rank(config: Config) -> Config:
+    """``lora.rank: auto`` without ``train.auto``: the rank for the model's size."""
+    from loom.models.registry import load_config
+    from loom.trainer.planner.auto import lora_rank_for, with_lora_rank
+
+    config, changes = with_lora_rank(config, lora_rank_for(load_config(config.model.path)))
+    if os.environ.get("RANK", "0") == "0":
+        print("lora.rank auto: " + ", ".join(f"{k} {v}" for k, v in changes.items()))
+    return config
 
 
 def train_step(run: Run, stop: StopRequest) -> tuple[dict, bool]:

@@ -20,6 +20,7 @@ from loom.trainer.errors import ConfigError
 from loom.trainer.planner.hardware import DeviceProfile
 from loom.trainer.planner.memory import GIB, Estimate, Setup, estimate
 from loom.trainer.planner.plan import setup_of
+from loom.trainer.planner.size import SizeCategory, count_parameters
 
 HEADROOM = 0.93  # the allocator's fragmentation and what the model does not count (it is
 # within 6% of measured peaks: benchmarks/RESULTS.md, 2026-12-06)
@@ -31,12 +32,18 @@ HEADROOM = 0.93  # the allocator's fragmentation and what the model does not cou
 SATURATION = 2**22
 LORA_SATURATION, QLORA_SATURATION = 1.5, 3.0
 AC_SPEED, OFFLOAD_SPEED = 0.8, 0.9
+# lora.rank auto: larger models get larger adapters (multiples of 4 in 8..256); halved
+# while nothing fits, down to MIN_LORA_RANK.
+LORA_RANKS = {SizeCategory.SMALL: 16, SizeCategory.MEDIUM: 32, SizeCategory.LARGE: 64,
+              SizeCategory.XLARGE: 128}  # fmt: skip
+MIN_LORA_RANK = 8
 # (section, key) the rules may choose
 CHOSEN = {
     ("memory", "activation_checkpointing"),
     ("memory", "activation_offload"),
     ("train", "micro_batch_size"),
     ("parallel", "sp_size"),
+    ("lora", "rank"),  # only when the config says auto
 }
 
 
@@ -83,8 +90,42 @@ def relative_speed(setup: Setup, hidden_size: int) -> float:
     return speed * (OFFLOAD_SPEED if setup.activation_offload else 1.0)
 
 
+def lora_rank_for(model_config) -> int:
+    """``lora.rank: auto``'s rank for a model: by its size category (``LORA_RANKS``)."""
+    return LORA_RANKS[count_parameters(model_config).category]
+
+
+def with_lora_rank(config: Config, rank: int) -> tuple[Config, dict[str, Any]]:
+    """``config`` with ``lora.rank`` (and ``lora.alpha`` 2 x rank unless the config sets
+    it); the changes."""
+    changes: dict[str, Any] = {"lora.rank": rank}
+    if "lora.alpha" not in explicit_keys(config):
+        changes["lora.alpha"] = float(2 * rank)
+    # a copy, not a re-validated dump: which keys the config set itself stays known
+    lora = config.lora.model_copy(update={k.split(".")[1]: v for k, v in changes.items()})
+    return config.model_copy(update={"lora": lora}), changes
+
+
 def choose(config: Config, gpus: int, profile: DeviceProfile, model_config) -> Choice:
-    """The fastest candidate that fits (module docstring); ``ConfigError`` when none does."""
+    """The fastest candidate that fits (module docstring); ``ConfigError`` when none does.
+    ``lora.rank: auto`` starts from ``lora_rank_for`` and halves the rank (down to
+    ``MIN_LORA_RANK``) while nothing fits."""
+    if config.lora.rank != "auto":
+        return _choose(config, gpus, profile, model_config)
+    rank = lora_rank_for(model_config)
+    while True:
+        ranked, rank_changes = with_lora_rank(config, rank)
+        try:
+            choice = _choose(ranked, gpus, profile, model_config)
+        except ConfigError:
+            if rank // 2 < MIN_LORA_RANK:
+                raise
+            rank //= 2
+            continue
+        return Choice(choice.config, rank_changes | choice.changes, choice.estimate)
+
+
+def _choose(config: Config, gpus: int, profile: DeviceProfile, model_config) -> Choice:
     budget = HEADROOM * profile.memory_bytes
     hidden = (model_config.get_text_config() if hasattr(model_config, "get_text_config")
               else model_config).hidden_size  # fmt: skip

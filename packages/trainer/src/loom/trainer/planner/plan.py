@@ -68,6 +68,10 @@ def plan(config: Config, gpus: int = 1, device: str | dict | None = None) -> str
         raise ConfigError(f"--gpus must be at least 1, got {gpus}")
     profile = resolve(device, key="--device") if device else resolve(config.hardware)
     model_config = load_config(config.model.path)
+    if config.lora.rank == "auto":
+        from loom.trainer.planner.auto import lora_rank_for, with_lora_rank
+
+        config, _ = with_lora_rank(config, lora_rank_for(model_config))
     size = count_parameters(model_config)
     setup = setup_of(config, gpus)
     result = estimate(model_config, setup)
