@@ -4,7 +4,8 @@ Of the candidates whose predicted peak stays within ``HEADROOM`` of the device's
 the one ``relative_speed`` ranks fastest is taken: micro-batches that divide each rank's
 share of the global batch, with and without activation checkpointing (and offloading its
 inputs to the host); sequence parallelism (over more of the GPUs) only when one row does
-not fit otherwise.
+not fit otherwise. ``lora.rank: auto`` takes the rank for the model's size
+(``LORA_RANKS``), halved while nothing fits.
 Keys the config sets itself (in the file or on the command line) are never changed;
 the config given is never mutated: a new one is returned with the changes listed.
 """
