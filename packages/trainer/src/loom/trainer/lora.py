@@ -17,9 +17,9 @@ forward and backward; FSDP2 leaves them out (``ignored_params``). QLoRA runs on 
 GPU; anything else is refused by name (``check_qlora``).
 
 Checkpoints keep the adapters and their optimizer state only; the base is read from
-``model.path`` again on resume (and quantized again, the same way). The export writes the adapter as peft saves it
-(``adapter_model.safetensors``, ``adapter_config.json``) and, with
-``lora.merge_on_export``, the merged model to ``hf/merged``.
+``model.path`` again on resume (and quantized again, the same way). The export writes the
+adapter as peft saves it (``adapter_model.safetensors``, ``adapter_config.json``) and,
+with ``lora.merge_on_export``, the merged model to ``hf/merged``.
 """
 
 from __future__ import annotations
