@@ -1,5 +1,5 @@
-"""Loom's Gated DeltaNet forward on upstream's ``Qwen3NextGatedDeltaNet`` (both majors,
-fp32 on CPU): the output and every parameter's gradient equal upstream's on whole rows;
+"""Loom's Gated DeltaNet forward on upstream's ``Qwen3NextGatedDeltaNet`` (both majors)
+and ``Qwen3_5GatedDeltaNet`` (transformers 5), fp32 on CPU: the output and every parameter's gradient equal upstream's on whole rows;
 packed rows equal upstream run on each sample alone; sequence parallelism at 2 and 4
 ranks (gloo) equals one process."""
 
@@ -11,6 +11,7 @@ import types
 import pytest
 import torch
 import torch.distributed as dist
+import transformers
 from transformers import AutoConfig
 
 from loom.dist.testing import run_distributed
@@ -18,19 +19,30 @@ from loom.dist.ulysses import slice_input
 from loom.models.attention import set_sequence_parallel
 from loom.models.gated_deltanet import gated_deltanet_forward
 
+MAJOR = int(transformers.__version__.split(".")[0])
 TOL = {"rtol": 1e-5, "atol": 1e-6}  # Loom against Loom (packing, SP): the same sums
 
 
-def layers():
+MODELS = [
+    "qwen3_next",
+    pytest.param("qwen3_5", marks=pytest.mark.skipif(
+        MAJOR < 5, reason="Qwen3.5 exists from transformers 5")),
+]  # fmt: skip
+
+
+def layers(model: str = "qwen3_next"):
     """Upstream's layer, and a copy whose forward is Loom's."""
-    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
+    import importlib
 
     config = AutoConfig.for_model(
-        "qwen3_next", hidden_size=64, linear_num_key_heads=4, linear_num_value_heads=8,
-        linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+        "qwen3_5_text" if model == "qwen3_5" else model, hidden_size=64,
+        linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=16,
+        linear_value_head_dim=16, linear_conv_kernel_dim=4,
     )  # fmt: skip
+    module = importlib.import_module(f"transformers.models.{model}.modeling_{model}")
+    prefix = "Qwen3_5" if model == "qwen3_5" else "Qwen3Next"
     torch.manual_seed(0)
-    upstream = Qwen3NextGatedDeltaNet(config, layer_idx=0)
+    upstream = getattr(module, f"{prefix}GatedDeltaNet")(config, layer_idx=0)
     with torch.no_grad():  # away from the init's ones and zeros: every term matters
         for param in upstream.parameters():
             param.add_(torch.randn_like(param) * 0.1)
@@ -48,12 +60,13 @@ def run(layer, hidden, **kwargs):
     return out.detach(), hidden.grad, grads
 
 
-def test_whole_rows_equal_upstream():
+@pytest.mark.parametrize("model", MODELS)
+def test_whole_rows_equal_upstream(model):
     """Upstream runs the recurrence in chunks of 64, Loom's reference token by token: in
     fp32 they round differently, so the bound is each one's distance from the same layer
     in fp64 (Loom's, its recurrence unrolled against the transitions in loom.kernels'
     tests): Loom's error at most upstream's, and the two within 1e-4."""
-    upstream, loom = layers()
+    upstream, loom = layers(model)
     hidden = torch.randn(2, 37, 64, generator=torch.Generator().manual_seed(1))
     truth, truth_dx, truth_grads = run(copy.deepcopy(loom).double(), hidden.double())
     want, want_dx, want_grads = run(upstream, hidden)
@@ -68,8 +81,9 @@ def test_whole_rows_equal_upstream():
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_packed_samples_equal_upstream_on_each_alone():
-    upstream, loom = layers()
+@pytest.mark.parametrize("model", MODELS)
+def test_packed_samples_equal_upstream_on_each_alone(model):
+    upstream, loom = layers(model)
     hidden = torch.randn(1, 30, 64, generator=torch.Generator().manual_seed(2))
     bounds = [(0, 9), (9, 10), (10, 30)]
     positions = torch.cat([torch.arange(b - a) for a, b in bounds])[None]
@@ -83,8 +97,8 @@ def test_packed_samples_equal_upstream_on_each_alone():
     assert not torch.allclose(upstream(hidden), alone, rtol=1e-3, atol=1e-3)  # packing matters
 
 
-def _sp_run(sp: int):
-    _, loom = layers()
+def _sp_run(sp: int, model: str):
+    _, loom = layers(model)
     hidden = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(3))
     lengths = [[5, 19], [24]]
     ends = torch.tensor([n for row in lengths for n in row]).cumsum(0)
@@ -107,10 +121,11 @@ def _sp_run(sp: int):
     return out.detach(), grads
 
 
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("sp", [2, 4])
-def test_sequence_parallel_equals_one_process(sp):
-    want, want_grads = run_distributed(_sp_run, 1, 1)[0]
-    for got, grads in run_distributed(_sp_run, sp, sp):
+def test_sequence_parallel_equals_one_process(sp, model):
+    want, want_grads = run_distributed(_sp_run, 1, 1, model)[0]
+    for got, grads in run_distributed(_sp_run, sp, sp, model):
         torch.testing.assert_close(got, want, **TOL)
         for name, grad in want_grads.items():
             # the ranks' partial sums add up in another order than one process's sum

@@ -1,8 +1,11 @@
-"""Gated DeltaNet (Qwen3-Next's linear-attention layer) for training: packed rows and
-sequence parallelism, on ``loom.kernels``' causal convolution and gated delta rule.
+"""Gated DeltaNet (the linear-attention layer of Qwen3-Next and Qwen3.5) for training:
+packed rows and sequence parallelism, on ``loom.kernels``' causal convolution and gated
+delta rule.
 
 ``gated_deltanet_forward`` is a drop-in ``forward`` for upstream's
-``Qwen3NextGatedDeltaNet`` (its parameters and projections as they are), without a cache:
+``Qwen3NextGatedDeltaNet`` and ``Qwen3_5GatedDeltaNet`` (their parameters and projections
+as they are: Qwen3-Next's fused ``in_proj_qkvz`` / ``in_proj_ba`` grouped per key head,
+Qwen3.5's separate ``in_proj_qkv`` / ``_z`` / ``_b`` / ``_a``), without a cache:
 
 - Packed rows: the samples' boundaries come from ``cu_seq_lens_q`` (over the flattened
   ``[batch * seq]`` tokens of the whole rows, as attention takes them) or from position
@@ -49,6 +52,20 @@ def _conv_channels(layer, rank: int, sp: int, device) -> torch.Tensor:
     return torch.cat([q, q + layer.key_dim, v + 2 * layer.key_dim]).to(device)
 
 
+def _project(layer, hidden_states: torch.Tensor):
+    """q, k [B, T, key heads, K]; v, z [B, T, value heads, V]; b, a [B, T, value heads]."""
+    if hasattr(layer, "in_proj_qkvz"):  # Qwen3-Next
+        qkvz, ba = layer.in_proj_qkvz(hidden_states), layer.in_proj_ba(hidden_states)
+        return layer.fix_query_key_value_ordering(qkvz, ba)
+    batch, seq = hidden_states.shape[:2]
+    sizes = [layer.key_dim, layer.key_dim, layer.value_dim]
+    query, key, value = torch.split(layer.in_proj_qkv(hidden_states), sizes, dim=-1)
+    query, key = (t.reshape(batch, seq, -1, layer.head_k_dim) for t in (query, key))
+    value = value.reshape(batch, seq, -1, layer.head_v_dim)
+    z = layer.in_proj_z(hidden_states).reshape(batch, seq, -1, layer.head_v_dim)
+    return query, key, value, z, layer.in_proj_b(hidden_states), layer.in_proj_a(hidden_states)
+
+
 def _to_heads(x: torch.Tensor, group) -> torch.Tensor:
     from loom.dist.ulysses import gather_seq_scatter_heads
 
@@ -58,7 +75,7 @@ def _to_heads(x: torch.Tensor, group) -> torch.Tensor:
 def gated_deltanet_forward(
     self, hidden_states: torch.Tensor, cache_params=None, attention_mask=None, **kwargs
 ) -> torch.Tensor:
-    """``Qwen3NextGatedDeltaNet.forward`` for training (module docstring)."""
+    """Upstream's Gated DeltaNet ``forward``, for training (module docstring)."""
     if cache_params is not None:
         raise ValueError("Loom's Gated DeltaNet trains over whole rows: no cache")
     if attention_mask is not None and not bool(attention_mask.all()):
@@ -69,8 +86,7 @@ def gated_deltanet_forward(
     if self.conv1d.bias is not None:
         raise ValueError("Loom's Gated DeltaNet: the short convolution has no bias upstream")
     batch, local = hidden_states.shape[:2]
-    qkvz, ba = self.in_proj_qkvz(hidden_states), self.in_proj_ba(hidden_states)
-    query, key, value, z, b, a = self.fix_query_key_value_ordering(qkvz, ba)
+    query, key, value, z, b, a = _project(self, hidden_states)
     beta = b.sigmoid()
     g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
     weight = self.conv1d.weight[:, 0, :]
