@@ -39,3 +39,35 @@ def test_causal_lm_loss_matches_hf_convention(num_items):
     torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="labels or shift_labels"):
         causal_lm_loss(hidden, weight)
+
+
+def test_centred_and_gated_norms_match_upstream_modules():
+    """Qwen3-Next's (1 + w) RMSNorm and Gated DeltaNet's gated norm (fp32: exact up to
+    the order of the fp32 operations)."""
+    from transformers.models.qwen3_next.modeling_qwen3_next import (
+        Qwen3NextRMSNorm,
+        Qwen3NextRMSNormGated,
+    )
+
+    from loom.models.layers import LoomCentredRMSNorm, LoomRMSNormGated
+
+    torch.manual_seed(0)
+    for upstream, loom, gated in (
+        (Qwen3NextRMSNorm(32, eps=1e-6), LoomCentredRMSNorm(32, eps=1e-6), False),
+        (Qwen3NextRMSNormGated(32, eps=1e-6), LoomRMSNormGated(32, eps=1e-6), True),
+    ):
+        assert torch.equal(loom.weight, upstream.weight)  # the same init: zeros, ones
+        upstream.weight.data.normal_()
+        loom.load_state_dict(upstream.state_dict())
+        x = torch.randn(3, 7, 32, requires_grad=True)
+        gate = torch.randn(3, 7, 32, requires_grad=True)
+        x2, gate2 = (t.detach().clone().requires_grad_() for t in (x, gate))
+        got = loom(x, gate) if gated else loom(x)
+        want = upstream(x2, gate2) if gated else upstream(x2)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        got.square().sum().backward()
+        want.square().sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loom.weight.grad, upstream.weight.grad, rtol=1e-5, atol=1e-5)
+        if gated:
+            torch.testing.assert_close(gate.grad, gate2.grad, rtol=1e-5, atol=1e-6)
