@@ -15,7 +15,7 @@ import nox
 
 nox.options.default_venv_backend = "uv"
 nox.options.reuse_venv = "yes"
-nox.options.sessions = ["lint", "tests", "triton_models", "build"]
+nox.options.sessions = ["lint", "tests", "qlora", "triton_models", "build"]
 # Where the environment forbids bytecode files (CI machines set PYTHONDONTWRITEBYTECODE),
 # every process compiles torch's and transformers' sources again: about 6 s of the 12 s a
 # CLI run takes on two cores, paid by each of the hundreds of processes the tests start.
@@ -55,6 +55,17 @@ def _sync_locked(session: nox.Session) -> None:
 
 
 @nox.session
+def qlora(session: nox.Session) -> None:
+    """QLoRA's tests, with torchao. The tests sessions go without it: where torchao is
+    installed, transformers imports it in every process (0.7 s each)."""
+    session.run_install(
+        "uv", "sync", "--frozen", "--group", "dev", "--group", "qlora",
+        env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location},
+    )  # fmt: skip
+    session.run("pytest", "packages/trainer/tests/test_qlora.py", *session.posargs)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", ".")
@@ -71,7 +82,7 @@ def tests(session: nox.Session, transformers: str) -> None:
         # Resolved afresh: transformers v4 needs older huggingface-hub and tokenizers.
         editable = [arg for pkg in PACKAGES for arg in ("-e", f"packages/{pkg}")]
         session.install(
-            *editable, "pytest", "pytest-timeout", "pytest-xdist", "tensorboard", "torchao",
+            *editable, "pytest", "pytest-timeout", "pytest-xdist", "tensorboard",
             f"transformers=={transformers}",
             env={"UV_NO_CONFIG": "1"},  # the root's constraints pin the locked version
         )  # fmt: skip

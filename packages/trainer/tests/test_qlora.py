@@ -23,7 +23,8 @@ from loom.trainer.lora import (
     quantize_base,
 )
 
-pytest.importorskip("torchao")  # a dev dependency: CI has it
+# CI runs these in the qlora nox session, which installs torchao (pyproject's qlora group)
+pytest.importorskip("torchao", reason="torchao is installed by the qlora nox session")
 
 LORA = LoraConfig(rank=4, alpha=8)
 
