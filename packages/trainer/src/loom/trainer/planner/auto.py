@@ -38,14 +38,6 @@ AC_SPEED, OFFLOAD_SPEED = 0.8, 0.9
 LORA_RANKS = {SizeCategory.SMALL: 16, SizeCategory.MEDIUM: 32, SizeCategory.LARGE: 64,
               SizeCategory.XLARGE: 128}  # fmt: skip
 MIN_LORA_RANK = 8
-# (section, key) the rules may choose
-CHOSEN = {
-    ("memory", "activation_checkpointing"),
-    ("memory", "activation_offload"),
-    ("train", "micro_batch_size"),
-    ("parallel", "sp_size"),
-    ("lora", "rank"),  # only when the config says auto
-}
 
 
 @dataclass(frozen=True)
